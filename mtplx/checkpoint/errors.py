@@ -1,0 +1,5 @@
+"""Errors of the checkpoint layer: each says what was expected, what was found, what to do."""
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be read or used. The message is a one-line, user-facing reason."""
