@@ -1,0 +1,170 @@
+"""The FastAPI app factory: routes, errors, auth, body limit, metrics, engine lifecycle."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from mtplx import __version__
+from mtplx.server import anthropic_routes, openai_routes
+from mtplx.server.engine import Engine, ModelAdapter
+from mtplx.server.errors import error_body, install_handlers
+from mtplx.server.metrics import CONTENT_TYPE_LATEST, Metrics
+
+DEFAULT_MAX_BODY = 8 * 1024 * 1024  # bytes
+PUBLIC_PATHS = {"/health"}
+KNOWN_ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/messages",
+                   "/v1/messages/count_tokens", "/health", "/metrics"}
+
+
+@dataclass
+class ServerState:
+    engine: Engine
+    metrics: Metrics
+    model_id: str
+    created: int
+    fingerprint: str
+    max_tokens_cap: int | None
+
+
+def _as_json(scope):
+    """Bodies are always JSON here: a missing or form content type (curl -d) is read as JSON."""
+    headers = [(k, v) for k, v in scope.get("headers", ()) if k != b"content-type"]
+    ctype = next((v for k, v in scope.get("headers", ()) if k == b"content-type"), b"")
+    if b"json" not in ctype.lower():
+        ctype = b"application/json"
+    return {**scope, "headers": headers + [(b"content-type", ctype)]}
+
+
+class GuardMiddleware:
+    """Pure ASGI (streaming-safe): request counting, API-key check, bounded request bodies."""
+
+    def __init__(self, app, *, api_key: str | None, max_body: int, metrics: Metrics):
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body = max_body
+        self.metrics = metrics
+
+    async def _reply(self, send, path: str, status: int, message: str, headers: list | None = None):
+        body = json.dumps(error_body(path, status, message)).encode()
+        hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": hdrs + (headers or [])})
+        await send({"type": "http.response.body", "body": body})
+
+    def _authorized(self, scope) -> bool:
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key):
+                    return True
+            elif name == b"x-api-key":
+                if hmac.compare_digest(value.strip(), self.api_key):
+                    return True
+        return False
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        endpoint = path if path in KNOWN_ENDPOINTS else ("/v1/models" if path.startswith("/v1/models/") else "other")
+        status_box = [500]
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status_box[0] = message["status"]
+            await send(message)
+
+        try:
+            if self.api_key is not None and path not in PUBLIC_PATHS and scope.get("method") != "OPTIONS" \
+                    and not self._authorized(scope):
+                return await self._reply(send_wrapper, path, 401,
+                                         "invalid or missing API key (send 'Authorization: Bearer KEY' or "
+                                         "'x-api-key: KEY')", [(b"www-authenticate", b"Bearer")])
+            if scope.get("method") in ("POST", "PUT", "PATCH"):
+                for name, value in scope.get("headers", ()):
+                    if name == b"content-length":
+                        try:
+                            declared = int(value)
+                        except ValueError:
+                            return await self._reply(send_wrapper, path, 400, "invalid Content-Length header")
+                        if declared > self.max_body:
+                            return await self._reply(send_wrapper, path, 413,
+                                                     f"request body too large ({declared} bytes, "
+                                                     f"limit {self.max_body})")
+                chunks, size = [], 0
+                while True:
+                    msg = await receive()
+                    if msg["type"] == "http.disconnect":
+                        return
+                    chunk = msg.get("body", b"")
+                    size += len(chunk)
+                    if size > self.max_body:
+                        return await self._reply(send_wrapper, path, 413,
+                                                 f"request body too large (limit {self.max_body} bytes)")
+                    chunks.append(chunk)
+                    if not msg.get("more_body", False):
+                        break
+                body = b"".join(chunks)
+                delivered = False
+
+                async def replay():
+                    nonlocal delivered
+                    if not delivered:
+                        delivered = True
+                        return {"type": "http.request", "body": body, "more_body": False}
+                    return await receive()
+
+                return await self.app(_as_json(scope), replay, send_wrapper)
+            return await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status_box[0])).inc()
+            if status_box[0] >= 400:
+                self.metrics.errors.labels(kind=str(status_box[0])).inc()
+
+
+def create_app(model: ModelAdapter, *, depth: int = 0, max_queue: int = 16, parallel: int = 1,
+               api_key: str | None = None, max_body: int = DEFAULT_MAX_BODY,
+               max_tokens_cap: int | None = None, model_id: str | None = None) -> FastAPI:
+    """Build the app. The engine worker starts with the app (lifespan) and stops with it."""
+    engine = Engine(model, depth=depth, max_queue=max_queue, parallel=parallel)
+    metrics = Metrics(engine)
+    engine.on_finish = lambda job, outcome: metrics.record_generation(
+        job.stats, outcome, time.perf_counter() - job.enqueued_at)
+    mid = model_id or model.model_id
+    state = ServerState(engine=engine, metrics=metrics, model_id=mid, created=int(time.time()),
+                        fingerprint="mtplx-" + hashlib.sha1(f"{mid}:{depth}:{__version__}".encode()).hexdigest()[:12],
+                        max_tokens_cap=max_tokens_cap)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.shutdown()
+
+    app = FastAPI(title="mtplx", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  debug=False)
+    app.state.mtplx = state
+    install_handlers(app)
+    app.include_router(openai_routes.router)
+    app.include_router(anthropic_routes.router)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": mid, "mtp_depth": engine.depth, "queue_depth": engine.queue_depth,
+                "active": engine.active_count, "max_context": model.max_context}
+
+    @app.get("/metrics")
+    async def prom_metrics(request: Request):
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(GuardMiddleware, api_key=api_key, max_body=max_body, metrics=metrics)
+    return app

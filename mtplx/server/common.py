@@ -1,0 +1,186 @@
+"""What the OpenAI and Anthropic routes share: params, context checks, running a job, SSE, timings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+from anyio import to_thread
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+
+from mtplx.decoding.params import SamplingParams
+from mtplx.server.engine import DoneEvent, EngineClosed, ErrorEvent, GenStats, Job, QueueFull, StepEvent
+from mtplx.server.errors import APIError
+
+DISCONNECT_POLL_S = 0.25
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(12)}"
+
+
+def make_params(*, temperature: float | None, top_p: float | None, top_k: int | None, min_p: float | None,
+                seed: int | None, max_tokens: int, stop: list[str], ignore_eos: bool = False) -> SamplingParams:
+    if seed is not None:
+        seed = None if seed == -1 else seed % (2**63)  # -1 = random (llama.cpp convention)
+    params = SamplingParams(
+        temperature=1.0 if temperature is None else float(temperature),
+        top_p=1.0 if top_p is None else float(top_p),
+        top_k=top_k or 0,
+        min_p=min_p or 0.0,
+        seed=seed,
+        max_tokens=max_tokens,
+        stop=list(stop),
+        ignore_eos=ignore_eos,
+    )
+    try:
+        params.validate()
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+    return params
+
+
+def resolve_max_tokens(requested: int | None, prompt_len: int, max_context: int, cap: int | None,
+                       param: str = "max_tokens") -> int:
+    """400 when the prompt (plus the requested completion) does not fit the context."""
+    if prompt_len >= max_context:
+        raise APIError(400, f"This model's maximum context length is {max_context} tokens, but the prompt has "
+                            f"{prompt_len} tokens. Shorten the prompt.", param="messages",
+                       code="context_length_exceeded")
+    room = max_context - prompt_len
+    if requested is None:
+        return room if cap is None else min(room, cap)
+    if requested > room:
+        raise APIError(400, f"This model's maximum context length is {max_context} tokens. However, you requested "
+                            f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the "
+                            f"completion). Reduce the prompt or {param}.", param=param,
+                       code="context_length_exceeded")
+    return requested
+
+
+async def run_blocking(fn: Callable, *args):
+    return await to_thread.run_sync(fn, *args)
+
+
+def submit(engine, prompt_ids: list[int], params: SamplingParams) -> Job:
+    try:
+        return engine.submit(prompt_ids, params)
+    except QueueFull as e:
+        raise APIError(429, f"The server is busy: {e}. Retry shortly.", code="queue_full",
+                       headers={"Retry-After": "1"}) from None
+    except EngineClosed as e:
+        raise APIError(503, str(e)) from None
+
+
+@dataclass
+class Outcome:
+    text: str
+    finish_reason: str
+    stop_sequence: str | None
+    stats: GenStats
+    completion_tokens: int
+
+
+async def job_events(job: Job, request: Request | None = None) -> AsyncIterator[Any]:
+    """Yield StepEvent... then one DoneEvent; raises APIError on ErrorEvent. Cancels the job on exit
+    (client gone, task cancelled) unless it finished; polls for disconnect when `request` is given."""
+    done = False
+    try:
+        while True:
+            if request is None:
+                ev = await job.events.get()
+            else:
+                try:
+                    ev = await asyncio.wait_for(job.events.get(), timeout=DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+            if isinstance(ev, ErrorEvent):
+                done = True
+                raise APIError(500, ev.message)
+            yield ev
+            if isinstance(ev, DoneEvent):
+                done = True
+                return
+    finally:
+        if not done:
+            job.cancel()
+
+
+async def collect(job: Job, request: Request) -> Outcome:
+    parts: list[str] = []
+    n = 0
+    async for ev in job_events(job, request):
+        if isinstance(ev, StepEvent):
+            parts.append(ev.step.text)
+            n += len(ev.step.token_ids)
+        elif isinstance(ev, DoneEvent):
+            return Outcome("".join(parts), ev.finish_reason, ev.stop_sequence, ev.stats,
+                           ev.stats.generated_tokens or n)
+    raise APIError(499, "client disconnected")  # the response goes nowhere
+
+
+def timings(stats: GenStats) -> dict:
+    """llama.cpp-style `timings`, plus MTP acceptance by depth."""
+    pn, gn = stats.prompt_tokens, stats.generated_tokens
+    p_ms, g_ms = stats.prompt_s * 1000.0, stats.decode_s * 1000.0
+    decoded = max(gn - 1, 0)  # the first token is produced by the prefill
+    drafted = list(stats.drafted_by_depth)
+    accepted = list(stats.accepted_by_depth)
+    return {
+        "prompt_n": pn,
+        "prompt_ms": round(p_ms, 3),
+        "prompt_per_token_ms": round(p_ms / pn, 3) if pn else 0.0,
+        "prompt_per_second": round(pn / stats.prompt_s, 3) if stats.prompt_s > 0 else 0.0,
+        "predicted_n": gn,
+        "predicted_ms": round(g_ms, 3),
+        "predicted_per_token_ms": round(g_ms / decoded, 3) if decoded else 0.0,
+        "predicted_per_second": round(decoded / stats.decode_s, 3) if stats.decode_s > 0 and decoded else 0.0,
+        "draft_n": stats.draft_n,
+        "draft_n_accepted": stats.draft_n_accepted,
+        "mtp_depth": stats.depth,
+        "verify_passes": stats.cycles,
+        "tokens_per_verify": round(decoded / stats.cycles, 4) if stats.cycles else 0.0,
+        "draft_n_by_depth": drafted,
+        "draft_n_accepted_by_depth": accepted,
+        "acceptance_by_depth": [round(a / d, 4) if d else 0.0 for d, a in zip(drafted, accepted)],
+    }
+
+
+class SSEResponse(StreamingResponse):
+    """StreamingResponse that always runs `on_close` (cancels the generation) however it ends."""
+
+    def __init__(self, content, on_close: Callable[[], None], **kw):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}, **kw)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                try:
+                    await aclose()
+                except Exception:
+                    pass
+
+
+def sse_data(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def sse_event(name: str, obj: Any) -> str:
+    return f"event: {name}\ndata: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,101 @@
+"""A deterministic stand-in model for server tests (no weights, no backend).
+
+Byte-level "tokenizer"; greedy output is a pure function of the prompt; sampled output a pure
+function of (prompt, seed); emits MTP-like cycles of up to depth+1 tokens with fake stats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from typing import Iterator
+
+from mtplx.decoding.params import SamplingParams
+from mtplx.server.engine import GenStats, GenStep
+
+EOS = 256
+ALPHABET = "abcdefghijklmnopqrstuvwxyz "
+
+
+class FakeModel:
+    def __init__(self, max_context: int = 512, step_delay_s: float = 0.0, eos_after: int | None = None,
+                 model_id: str = "fake-model", fail_on: str | None = None):
+        self.model_id = model_id
+        self.max_context = max_context
+        self.vocab_size = 257
+        self.step_delay_s = step_delay_s
+        self.eos_after = eos_after
+        self.fail_on = fail_on
+        self.open_generations = 0  # generations started and not yet closed (cancellation tests)
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def chat_ids(self, messages: list[dict], tools=None) -> list[int]:
+        text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>"
+        return self.encode(text)
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, depth: int) -> Iterator[GenStep]:
+        self.open_generations += 1
+        try:
+            yield from self._generate(prompt_ids, params, depth)
+        finally:
+            self.open_generations -= 1
+
+    def _generate(self, prompt_ids, params, depth):
+        t0 = time.perf_counter()
+        if self.fail_on is not None and self.fail_on.encode() in bytes(x for x in prompt_ids if x < 256):
+            raise RuntimeError("fake failure /secret/path/model.py line 42")
+        h = int.from_bytes(hashlib.sha256(bytes(x % 256 for x in prompt_ids)).digest()[:8], "little")
+        rng = random.Random(params.seed if params.seed is not None else random.random()) if not params.greedy else None
+        stats = GenStats(prompt_tokens=len(prompt_ids), depth=depth, drafted_by_depth=[0] * depth,
+                         accepted_by_depth=[0] * depth)
+        held = ""
+        emitted = 0
+        t_first = None
+        while True:
+            n = 1 if emitted == 0 else 1 + (h + emitted) % (depth + 1)
+            ids = []
+            for _ in range(n):
+                if self.eos_after is not None and emitted + len(ids) >= self.eos_after and not params.ignore_eos:
+                    ids.append(EOS)
+                    break
+                k = (h + 7 * (emitted + len(ids))) % len(ALPHABET) if rng is None else rng.randrange(len(ALPHABET))
+                ids.append(ord(ALPHABET[k]))
+            if emitted > 0:
+                stats.cycles += 1
+                for j in range(depth):
+                    stats.drafted_by_depth[j] += 1
+                    if j < n - 1:
+                        stats.accepted_by_depth[j] += 1
+            if self.step_delay_s:
+                time.sleep(self.step_delay_s)
+            finish = None
+            stop_seq = None
+            if ids and ids[-1] == EOS:
+                ids = ids[:-1]
+                finish = "stop"
+            room = params.max_tokens - emitted
+            if len(ids) >= room and finish is None:
+                ids = ids[:room]
+                finish = "length"
+            emitted += len(ids) + (1 if finish == "stop" and self.eos_after is not None else 0)
+            buf = held + bytes(ids).decode()
+            hits = sorted((buf.find(s), s) for s in params.stop if s in buf)
+            if hits:
+                delta, held = buf[: hits[0][0]], ""
+                finish, stop_seq = "stop", hits[0][1]
+            else:
+                keep = max([k for s in params.stop for k in range(1, len(s)) if buf.endswith(s[:k])], default=0)
+                if finish is not None:
+                    keep = 0
+                delta, held = buf[: len(buf) - keep], buf[len(buf) - keep:]
+            if t_first is None:
+                t_first = time.perf_counter()
+                stats.prompt_s = t_first - t0
+            stats.decode_s = time.perf_counter() - t_first
+            stats.generated_tokens = emitted
+            yield GenStep(text=delta, token_ids=ids, finish_reason=finish, stop_sequence=stop_seq, stats=stats)
+            if finish is not None:
+                return

@@ -1,0 +1,71 @@
+"""Prometheus metrics (one registry per app, so several apps can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported)
+from prometheus_client import disable_created_metrics
+
+disable_created_metrics()  # no *_created series: they double the output and nobody graphs them
+
+from mtplx.server.engine import GenStats
+
+
+class Metrics:
+    def __init__(self, engine_ref=None):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("mtplx_requests", "HTTP API requests by endpoint and status code",
+                                ["endpoint", "status"], registry=r)
+        self.errors = Counter("mtplx_errors", "Error responses and failed generations by kind", ["kind"], registry=r)
+        self.prompt_tokens = Counter("mtplx_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generated_tokens = Counter("mtplx_generation_tokens", "Tokens generated", registry=r)
+        self.generations = Counter("mtplx_generations", "Finished generations by outcome", ["outcome"], registry=r)
+        self.drafted = Counter("mtplx_draft_tokens", "MTP tokens drafted, by draft depth (1 = first draft)",
+                               ["depth"], registry=r)
+        self.accepted = Counter("mtplx_draft_accepted_tokens", "MTP drafts accepted, by draft depth",
+                                ["depth"], registry=r)
+        self.acceptance = Gauge("mtplx_acceptance_rate",
+                                "Cumulative acceptance rate of drafts at each depth", ["depth"], registry=r)
+        self.gen_tps = Gauge("mtplx_generation_tokens_per_second", "Decode speed of the last finished request",
+                             registry=r)
+        self.prompt_tps = Gauge("mtplx_prompt_tokens_per_second", "Prefill speed of the last finished request",
+                                registry=r)
+        self.gen_tps_hist = Histogram("mtplx_request_generation_tokens_per_second",
+                                      "Per-request decode speed", registry=r,
+                                      buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000))
+        self.queue_depth = Gauge("mtplx_queue_depth", "Requests waiting for the engine", registry=r)
+        self.active = Gauge("mtplx_active_generations", "Generations in progress", registry=r)
+        self.latency = Histogram("mtplx_request_duration_seconds", "End-to-end generation time", registry=r,
+                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+        self._drafted_tot: dict[int, int] = {}
+        self._accepted_tot: dict[int, int] = {}
+        self._engine = engine_ref
+        if engine_ref is not None:
+            self.queue_depth.set_function(lambda: engine_ref.queue_depth)
+            self.active.set_function(lambda: engine_ref.active_count)
+
+    def record_generation(self, stats: GenStats, outcome: str, wall_s: float) -> None:
+        """Called from the engine thread when a generation ends."""
+        self.generations.labels(outcome=outcome).inc()
+        if outcome == "error":
+            self.errors.labels(kind="generation").inc()
+        self.prompt_tokens.inc(stats.prompt_tokens)
+        self.generated_tokens.inc(stats.generated_tokens)
+        self.latency.observe(wall_s)
+        if stats.decode_s > 0 and stats.generated_tokens > 1:
+            tps = (stats.generated_tokens - 1) / stats.decode_s
+            self.gen_tps.set(tps)
+            self.gen_tps_hist.observe(tps)
+        if stats.prompt_s > 0 and stats.prompt_tokens:
+            self.prompt_tps.set(stats.prompt_tokens / stats.prompt_s)
+        for k, (d, a) in enumerate(zip(stats.drafted_by_depth, stats.accepted_by_depth), start=1):
+            if d <= 0:
+                continue
+            self.drafted.labels(depth=str(k)).inc(d)
+            self.accepted.labels(depth=str(k)).inc(a)
+            self._drafted_tot[k] = self._drafted_tot.get(k, 0) + d
+            self._accepted_tot[k] = self._accepted_tot.get(k, 0) + a
+            self.acceptance.labels(depth=str(k)).set(self._accepted_tot[k] / self._drafted_tot[k])
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

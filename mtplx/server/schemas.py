@@ -1,0 +1,144 @@
+"""Request schemas (pydantic v2, strict types: JSON `"5"` is not an int, `true` is not a number).
+
+Unknown fields are ignored (clients send many); fields we understand but cannot honour get a
+clear 400 from the routes (`unsupported()`), never silent wrong behaviour.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_TEXT = 4_000_000  # characters in one string field (bodies are bounded in bytes anyway)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+TopK = Annotated[int, Field(ge=0)]
+MinP = Annotated[float, Field(ge=0.0, lt=1.0)]
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
+MaxTokens = Annotated[int, Field(ge=1)]
+StopStr = Annotated[str, Field(min_length=1, max_length=1000)]
+
+
+# --------------------------------------------------------------------------------- OpenAI
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: Annotated[str, Field(max_length=MAX_TEXT)]
+
+
+class OtherPart(_Strict):
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: Annotated[str, Field(max_length=64)]
+
+
+ContentPart = Union[TextPart, OtherPart]
+
+
+class ToolCallFunction(_Strict):
+    name: str
+    arguments: str = ""
+
+
+class ToolCall(_Strict):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Annotated[str, Field(max_length=MAX_TEXT)] | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Strict):
+    model: Annotated[str, Field(max_length=512)] | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    seed: Seed | None = None
+    max_tokens: MaxTokens | None = None
+    stop: StopStr | Annotated[list[StopStr], Field(max_length=16)] | None = None
+    n: Annotated[int, Field(ge=1, le=128)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    ignore_eos: bool = False  # vLLM/llama.cpp extension (benchmarks)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: MaxTokens | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Annotated[str, Field(max_length=MAX_TEXT)] | Annotated[list[int], Field(min_length=1)] | Annotated[
+        list[Annotated[str, Field(max_length=MAX_TEXT)]], Field(min_length=1, max_length=1)]
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: Annotated[int, Field(ge=1, le=20)] | None = None
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+
+
+# ------------------------------------------------------------------------------ Anthropic
+class ATextBlock(_Strict):
+    type: Literal["text"]
+    text: Annotated[str, Field(max_length=MAX_TEXT)]
+
+
+class AOtherBlock(_Strict):
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: Annotated[str, Field(max_length=64)]
+
+
+ABlock = Union[ATextBlock, AOtherBlock]
+
+
+class AMessage(_Strict):
+    role: Literal["user", "assistant"]
+    content: Annotated[str, Field(max_length=MAX_TEXT)] | list[ABlock]
+
+
+class MessagesRequest(_Strict):
+    model: Annotated[str, Field(max_length=512)]
+    messages: Annotated[list[AMessage], Field(min_length=1)]
+    max_tokens: MaxTokens
+    system: Annotated[str, Field(max_length=MAX_TEXT)] | list[ATextBlock] | None = None
+    stop_sequences: Annotated[list[StopStr], Field(max_length=16)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    stream: bool = False
+    metadata: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None
+
+
+class CountTokensRequest(_Strict):
+    model: Annotated[str, Field(max_length=512)]
+    messages: Annotated[list[AMessage], Field(min_length=1)]
+    system: Annotated[str, Field(max_length=MAX_TEXT)] | list[ATextBlock] | None = None
+    tools: list[dict[str, Any]] | None = None
