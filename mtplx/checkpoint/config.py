@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
+from .errors import CheckpointError, UnsupportedArchitecture
 
 # model_type -> (family, is_moe). Families: "qwen3_5" (Qwen3.5/3.6 unfused projections),
 # "qwen3_next" (fused in_proj_qkvz / in_proj_ba).
@@ -158,7 +158,7 @@ class ModelConfig:
                 model_type = text_type
             else:
                 known = ", ".join(sorted(SUPPORTED_MODEL_TYPES))
-                raise CheckpointError(
+                raise UnsupportedArchitecture(
                     f"unsupported model_type {model_type or '(missing)'!r}: mtplx runs {known}"
                 )
         family, is_moe_type = SUPPORTED_MODEL_TYPES[model_type]

@@ -3,3 +3,7 @@
 
 class CheckpointError(Exception):
     """A checkpoint cannot be read or used. The message is a one-line, user-facing reason."""
+
+
+class UnsupportedArchitecture(CheckpointError):
+    """The checkpoint is readable but is not a model family mtplx runs (unknown model_type)."""

@@ -32,7 +32,8 @@ import ml_dtypes
 import numpy as np
 
 from .canonical import fuse_ba, fuse_qkvz
-from .config import FULL_ATTENTION, MTP_SIDECAR_MODEL_TYPE, ModelConfig
+from .config import MTP_SIDECAR_MODEL_TYPE, ModelConfig
+from .layout import canonical_shapes
 from .norms import ONE_PLUS_W, ZERO_CENTERED
 from .quant import quantize as mlx_quantize
 from .store import INDEX_NAME, save_safetensors
@@ -104,66 +105,6 @@ def preset_config(name: str, **overrides) -> dict:
 
 
 # ---- random canonical weights (norms zero-centred: `w`, not 1 + w) -----------------------------
-def _attn_mlp_shapes(cfg: ModelConfig, moe: bool) -> dict[str, tuple[int, ...]]:
-    H, hd, nh, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-    q_rows = nh * hd * (2 if cfg.attn_output_gate else 1)
-    s = {
-        "input_layernorm.weight": (H,), "post_attention_layernorm.weight": (H,),
-        "self_attn.q_proj.weight": (q_rows, H), "self_attn.k_proj.weight": (nkv * hd, H),
-        "self_attn.v_proj.weight": (nkv * hd, H), "self_attn.o_proj.weight": (H, nh * hd),
-        "self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,),
-    }
-    s.update(_mlp_shapes(cfg, moe))
-    return s
-
-
-def _mlp_shapes(cfg: ModelConfig, moe: bool) -> dict[str, tuple[int, ...]]:
-    H = cfg.hidden_size
-    if moe:
-        E, I, Is = cfg.num_experts, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
-        return {
-            "mlp.gate.weight": (E, H), "mlp.experts.gate_proj": (E, I, H), "mlp.experts.up_proj": (E, I, H),
-            "mlp.experts.down_proj": (E, H, I), "mlp.shared_expert.gate_proj.weight": (Is, H),
-            "mlp.shared_expert.up_proj.weight": (Is, H), "mlp.shared_expert.down_proj.weight": (H, Is),
-            "mlp.shared_expert_gate.weight": (1, H),
-        }
-    I = cfg.intermediate_size
-    return {"mlp.gate_proj.weight": (I, H), "mlp.up_proj.weight": (I, H), "mlp.down_proj.weight": (H, I)}
-
-
-def _linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    H, nv = cfg.hidden_size, cfg.linear_num_value_heads
-    return {
-        "input_layernorm.weight": (H,), "post_attention_layernorm.weight": (H,),
-        "linear_attn.in_proj_qkv.weight": (cfg.linear_conv_dim, H),
-        "linear_attn.in_proj_z.weight": (cfg.linear_value_dim, H),
-        "linear_attn.in_proj_b.weight": (nv, H), "linear_attn.in_proj_a.weight": (nv, H),
-        "linear_attn.conv1d.weight": (cfg.linear_conv_dim, cfg.linear_conv_kernel_dim),
-        "linear_attn.A_log": (nv,), "linear_attn.dt_bias": (nv,),
-        "linear_attn.norm.weight": (cfg.linear_value_head_dim,),
-        "linear_attn.out_proj.weight": (cfg.hidden_size, cfg.linear_value_dim),
-    }
-
-
-def canonical_shapes(cfg: ModelConfig, n_mtp_layers: int) -> dict[str, tuple[int, ...]]:
-    """Canonical name -> shape for a config (unquantized); the contract of docs/architecture.md."""
-    H, V = cfg.hidden_size, cfg.vocab_size
-    out: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (V, H)}
-    for i, t in enumerate(cfg.layer_types):
-        base = _attn_mlp_shapes(cfg, cfg.layer_is_moe(i)) if t == FULL_ATTENTION else {
-            **_linear_shapes(cfg), **_mlp_shapes(cfg, cfg.layer_is_moe(i))}
-        out.update({f"layers.{i}.{k}": v for k, v in base.items()})
-    out["norm.weight"] = (H,)
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = (V, H)
-    if n_mtp_layers:
-        out.update({"mtp.fc.weight": (H, 2 * H), "mtp.pre_fc_norm_embedding.weight": (H,),
-                    "mtp.pre_fc_norm_hidden.weight": (H,), "mtp.norm.weight": (H,)})
-        for j in range(n_mtp_layers):
-            out.update({f"mtp.layers.{j}.{k}": v for k, v in _attn_mlp_shapes(cfg, cfg.mtp_is_moe).items()})
-    return out
-
-
 def _is_norm_name(name: str) -> bool:
     from .names import is_norm, split_key
     s = split_key(name)
