@@ -99,3 +99,30 @@ class FakeModel:
             yield GenStep(text=delta, token_ids=ids, finish_reason=finish, stop_sequence=stop_seq, stats=stats)
             if finish is not None:
                 return
+
+
+def main(argv=None) -> int:
+    """`python -m mtplx.server.fake --port N`: a real uvicorn server around FakeModel (tests)."""
+    import argparse
+
+    import uvicorn
+
+    from mtplx.server.app import create_app
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--max-context", type=int, default=512)
+    p.add_argument("--step-delay", type=float, default=0.0)
+    p.add_argument("--max-queue", type=int, default=16)
+    p.add_argument("--parallel", type=int, default=1)
+    p.add_argument("--max-body", type=int, default=1 << 20)
+    a = p.parse_args(argv)
+    app = create_app(FakeModel(max_context=a.max_context, step_delay_s=a.step_delay, fail_on="FAILNOW"),
+                     depth=a.depth, max_queue=a.max_queue, parallel=a.parallel, max_body=a.max_body)
+    uvicorn.run(app, host="127.0.0.1", port=a.port, log_level="warning", server_header=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
