@@ -1,4 +1,9 @@
-"""Sampling parameters of one request."""
+"""Sampling parameters of one request.
+
+Filtering order (numpy spec `mtplx.decoding.filtering` and every backend):
+temperature -> top_k -> top_p -> min_p -> renormalise. Target and draft rows are filtered
+with the SAME parameters; acceptance runs on the filtered distributions.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings (never emitted)
     stop_token_ids: list[int] = field(default_factory=list)  # extra stop ids besides EOS
     ignore_eos: bool = False
+    # temperature > 0 only: draft with argmax of the head (q one-hot) instead of sampling
+    # from the filtered head distribution. Both are exact; sampling usually accepts more.
+    greedy_draft: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -31,5 +39,11 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.min_p < 1.0:
             raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids}")
+        if any(not isinstance(s, str) or s == "" for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")

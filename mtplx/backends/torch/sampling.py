@@ -1,0 +1,186 @@
+"""Torch-native filtering, sampling and exact acceptance (tested against the numpy spec in
+`mtplx.decoding.filtering` / `mtplx.decoding.acceptance`, which document the math).
+
+What a TorchSession calls (one request = one `torch.Generator` from `make_generator`):
+
+    make_generator(seed, device="cpu") -> torch.Generator   # seed None: from OS entropy
+    filter_probs(logits [..., V], params) -> probs [..., V]  # float32 (float64 if input is)
+    sample(logits [V], params, gen) -> int                   # sample_first / depth 0
+    draft_token(logits [V], params, gen) -> (id, q_row [V] | None)
+        # one drafting step of the MTP head: greedy params or params.greedy_draft -> argmax
+        # and None (q one-hot); otherwise a sample from the filtered row and that row.
+    stack_draft_probs(rows: list[q_row | None]) -> q [D, V] | None
+    accept(target_logits [D+1, V], drafted list[int], draft_probs [D, V] | None, params, gen)
+        -> (n_accepted, next_id)  # greedy: argmax rule; sampled: rejection + residual
+
+Randomness: uniforms from `torch.rand(..., generator=gen, dtype=float64)` on gen's device:
+a draft step draws 1 uniform (none when drafting greedily); `accept` draws D + 1 (D accept
+tests, then 1 for the recovered or bonus sample); `sample` draws 1 (none when greedy). The
+batched cores take the uniforms explicitly, so they can be compared with the numpy spec
+bit for bit and run the >= 100k-draw statistical tests without a Python loop.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mtplx.decoding.params import SamplingParams
+
+
+def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(int(seed))
+    return g
+
+
+def _uniforms(n: int, gen: torch.Generator) -> torch.Tensor:  # [n] float64 in [0, 1)
+    return torch.rand(n, generator=gen, dtype=torch.float64, device=gen.device)
+
+
+def filter_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """[..., V] logits -> [..., V] probabilities: temperature -> top_k -> top_p -> min_p."""
+    x = logits if logits.dtype == torch.float64 else logits.float()
+    V = x.shape[-1]
+    if params.greedy:
+        out = torch.zeros_like(x)
+        return out.scatter_(-1, x.argmax(dim=-1, keepdim=True), 1.0)
+    z = x / params.temperature
+    if 0 < params.top_k < V:
+        kth = torch.topk(z, params.top_k, dim=-1).values[..., -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    p = torch.softmax(z, dim=-1)
+    if params.top_p < 1.0:
+        s = torch.sort(p, dim=-1, descending=True).values
+        before = torch.cumsum(s, dim=-1) - s
+        n_keep = (before < params.top_p).sum(dim=-1, keepdim=True).clamp_min(1)
+        thresh = torch.gather(s, -1, n_keep - 1)
+        p = torch.where(p >= thresh, p, 0.0)
+        p = p / p.sum(dim=-1, keepdim=True)
+    if params.min_p > 0.0:
+        p = torch.where(p >= params.min_p * p.amax(dim=-1, keepdim=True), p, 0.0)
+        p = p / p.sum(dim=-1, keepdim=True)
+    return p
+
+
+# ---- batched cores (explicit uniforms) ----------------------------------------------------
+
+
+def sample_batch(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """w [N, V] non-negative weights, u [N] uniforms -> ids [N] (inverse CDF, never weight 0)."""
+    w = w.to(torch.float64)
+    c = torch.cumsum(w, dim=-1)
+    t = u.to(w.device, torch.float64) * c[:, -1]
+    V = w.shape[-1]
+    idx = torch.searchsorted(c, t[:, None], right=True)[:, 0].clamp_max(V - 1)
+    bad = torch.gather(w, 1, idx[:, None])[:, 0] <= 0  # rounding pushed past the last token
+    if bool(bad.any()):
+        last = V - 1 - torch.argmax((w[bad] > 0).flip(-1).to(torch.uint8), dim=-1)
+        idx[bad] = last
+    return idx
+
+
+def accept_sampled_batch(
+    p: torch.Tensor,  # [N, D+1, V] filtered target probs
+    drafted: torch.Tensor,  # [N, D] int64
+    q: torch.Tensor | None,  # [N, D, V] filtered draft probs, None = one-hot drafts
+    u_accept: torch.Tensor,  # [N, D] float64
+    u_sample: torch.Tensor,  # [N] float64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (n_accepted [N], next_id [N]); the numpy spec `accept_sampled_batch`, in torch."""
+    N, D1, V = p.shape
+    D = D1 - 1
+    p = p.to(torch.float64)
+    rows = torch.arange(N, device=p.device)
+    if D == 0:
+        return torch.zeros(N, dtype=torch.long, device=p.device), sample_batch(p[:, 0], u_sample)
+    drafted = drafted.to(device=p.device, dtype=torch.long)
+    u_accept = u_accept.to(device=p.device, dtype=torch.float64)
+    p_d = torch.gather(p[:, :D], -1, drafted[..., None])[..., 0]  # [N, D]
+    if q is None:
+        q_d = torch.ones_like(p_d)
+    else:
+        q = q.to(torch.float64)
+        q_d = torch.gather(q, -1, drafted[..., None])[..., 0]
+    ok = u_accept * q_d < p_d  # [N, D]
+    all_ok = ok.all(dim=-1)
+    n = torch.where(all_ok, D, torch.argmin(ok.to(torch.uint8), dim=-1))  # first rejection
+    p_n = torch.gather(p, 1, n[:, None, None].expand(N, 1, V))[:, 0]  # [N, V]
+    n_c = n.clamp_max(D - 1)
+    if q is None:
+        q_n = torch.zeros_like(p_n)
+        q_n.scatter_(1, torch.gather(drafted, 1, n_c[:, None]), 1.0)
+    else:
+        q_n = torch.gather(q, 1, n_c[:, None, None].expand(N, 1, V))[:, 0]
+    q_n = torch.where(all_ok[:, None], 0.0, q_n)
+    r = (p_n - q_n).clamp_min(0.0)
+    empty = ~(r.sum(dim=-1) > 0)
+    r = torch.where(empty[:, None], p_n, r)
+    return n, sample_batch(r, u_sample)
+
+
+def accept_greedy_batch(target: torch.Tensor, drafted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """target [N, D+1, V] logits, drafted [N, D] -> (n [N], next_id [N])."""
+    best = target.argmax(dim=-1)  # [N, D+1]
+    N, D1 = best.shape
+    D = D1 - 1
+    if D == 0:
+        return torch.zeros(N, dtype=torch.long, device=best.device), best[:, 0]
+    ok = drafted.to(best.device, torch.long) == best[:, :D]
+    n = torch.where(ok.all(dim=-1), D, torch.argmin(ok.to(torch.uint8), dim=-1))
+    return n, best[torch.arange(N, device=best.device), n]
+
+
+# ---- per-request API (what a Session calls) -----------------------------------------------
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
+    """logits [V] -> one token id (argmax when greedy, else a sample of the filtered row)."""
+    if params.greedy:
+        return int(logits.argmax())
+    p = filter_probs(logits[None], params)
+    return int(sample_batch(p, _uniforms(1, gen))[0])
+
+
+def draft_token(
+    logits: torch.Tensor, params: SamplingParams, gen: torch.Generator
+) -> tuple[int, torch.Tensor | None]:
+    """One MTP drafting step: logits [V] -> (id, q_row [V] or None for a one-hot q)."""
+    if params.greedy or params.greedy_draft:
+        return int(logits.argmax()), None
+    q = filter_probs(logits[None], params)  # [1, V]
+    return int(sample_batch(q, _uniforms(1, gen))[0]), q[0]
+
+
+def stack_draft_probs(rows: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """q rows from `draft_token` -> [D, V], or None when every draft was greedy (or D == 0)."""
+    if not rows or all(r is None for r in rows):
+        return None
+    if any(r is None for r in rows):
+        raise ValueError("mixed greedy and sampled draft rows in one cycle")
+    return torch.stack(rows)
+
+
+def accept(
+    target_logits: torch.Tensor,  # [D+1, V]
+    drafted: list[int],  # [D]
+    draft_probs: torch.Tensor | None,  # [D, V] filtered, None = one-hot drafts
+    params: SamplingParams,
+    gen: torch.Generator,
+) -> tuple[int, int]:
+    """Exact acceptance for one sequence -> (n_accepted, next_id)."""
+    D = len(drafted)
+    if target_logits.shape[0] != D + 1:
+        raise ValueError(f"accept: expected {D + 1} target rows for {D} drafts, got {target_logits.shape[0]}")
+    dev = target_logits.device
+    ids = torch.tensor([drafted], dtype=torch.long, device=dev).reshape(1, D)
+    if params.greedy:
+        n, nxt = accept_greedy_batch(target_logits[None], ids)
+        return int(n[0]), int(nxt[0])
+    p = filter_probs(target_logits, params)[None]  # [1, D+1, V]
+    q = None if draft_probs is None else draft_probs[None]
+    u = _uniforms(D + 1, gen)
+    n, nxt = accept_sampled_batch(p, ids, q, u[None, :D], u[D:])
+    return int(n[0]), int(nxt[0])
