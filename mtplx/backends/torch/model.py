@@ -1,0 +1,519 @@
+"""Qwen3.5 / Qwen3.6 / Qwen3-Next target model in plain PyTorch (dense and MoE).
+
+Reads top to bottom: numerics helpers (row-invariant linear, norms, RoPE), the two token
+mixers (gated full attention, GatedDeltaNet), the two MLPs (dense SwiGLU, MoE), the decoder
+layer and the model. Weights use the canonical names of docs/architecture.md; the loader fuses
+a few of them (q|k|v, in_proj qkv|z|b|a, gate|up) into one matrix per module.
+
+Two forward paths:
+- parallel (`forward_hidden`, `prefill`): whole sequences, chunked GatedDeltaNet, SDPA;
+  autograd-safe, used for prompts and for training an MTP head;
+- exact (`step`): the path of decode AND verify. Every kernel sees the same shapes whatever the
+  number of rows fed (1 for decode, D+1 for verify), so verify row i is bit-identical to a
+  one-token decode at that position:
+  * linears go through `exact_linear`, which pads the row count to a multiple of the dtype's
+    row group (see ROW_GROUP: on x86 MKL a 1-row fp32 matmul, a 2-3 row one and a >=4 row one
+    use three different kernels; bf16 gives the same bits for any row count);
+  * attention runs per query row over exactly the keys that row may see;
+  * the GatedDeltaNet recurrence runs token by token (state saved after every position, for
+    rollback), the causal conv is an elementwise sum in a fixed order;
+  * MoE: fp32 router softmax on row-invariant router logits; each expert runs its tokens through
+    `exact_linear`; a token's expert outputs are summed in top-k rank order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mtplx.checkpoint.config import FULL_ATTENTION, ModelConfig
+
+# ---- numerics -------------------------------------------------------------------------------
+
+# Pad the rows of every exact-path matmul up to a multiple of this (per dtype). Measured on
+# x86 + MKL (torch 2.13): fp32 row results fall in classes {1}, {2,3}, {4k}; rows of a 4k-row
+# call all run the 4-row micro-kernel. bf16/fp16 (oneDNN) give identical rows for any count.
+# `check_row_invariance` re-measures this on the running machine.
+ROW_GROUP: dict[torch.dtype, int] = {torch.float32: 4, torch.bfloat16: 1, torch.float16: 1}
+
+
+def exact_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ w[N, K].T -> [M, N], row results independent of M and of the other rows."""
+    g = ROW_GROUP.get(x.dtype, 1)
+    m = x.shape[0]
+    pad = (-m) % g
+    if pad:
+        x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+        return F.linear(x, w)[:m]
+    return F.linear(x, w)
+
+
+def plain_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, w)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., D] * rsqrt(mean(x^2) + eps) * w, in fp32 (w: fp32 multiplier, 1 + w_file)."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * w).to(x.dtype)
+
+
+def l2_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:  # fp32 in, fp32 out
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+
+
+class Rope(nn.Module):
+    """Partial rotary embedding on the first `rotary_dim` dims, rotate-half style (text-only
+    mRoPE reduces to this)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        dim = cfg.rotary_dim
+        inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        self.register_buffer("inv_freq", inv, persistent=False)
+        self.dim = dim
+        self.theta = cfg.rope_theta
+
+    def reset(self, device) -> None:
+        dim = self.dim
+        self.inv_freq = 1.0 / (self.theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):  # [T] -> 2 x [T, rot]
+        f = positions.float()[:, None] * self.inv_freq.float()[None, :]
+        emb = torch.cat([f, f], dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [..., T, n, hd], cos/sin [T, rot]."""
+        r = self.dim
+        c, s = cos[:, None, :], sin[:, None, :]
+        xr, xp = x[..., :r], x[..., r:]
+        return torch.cat([xr * c + rotate_half(xr) * s, xp], dim=-1)
+
+
+# ---- full attention --------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Gated full attention: q_proj gives [query | gate] per head, q/k norm, partial RoPE, GQA,
+    o_proj(attn * sigmoid(gate)). Weights: qkv [nh*2*hd + 2*nkv*hd, H] (q|k|v), o [H, nh*hd]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.eps = cfg.rms_norm_eps
+        self.scale = self.hd ** -0.5
+        H = cfg.hidden_size
+        self.q_rows = self.nh * 2 * self.hd
+        self.kv_rows = self.nkv * self.hd
+        self.qkv = nn.Parameter(torch.empty(self.q_rows + 2 * self.kv_rows, H))
+        self.o_proj = nn.Parameter(torch.empty(H, self.nh * self.hd))
+        self.q_norm = nn.Parameter(torch.ones(self.hd, dtype=torch.float32))
+        self.k_norm = nn.Parameter(torch.ones(self.hd, dtype=torch.float32))
+
+    def _project(self, x, rope: Rope, positions, lin):
+        """x [..., T, H] -> q [..., T, nh, hd], k/v [..., T, nkv, hd], gate [..., T, nh*hd]."""
+        lead = x.shape[:-1]
+        y = lin(x.reshape(-1, x.shape[-1]), self.qkv).reshape(*lead, -1)
+        q, k, v = y.split([self.q_rows, self.kv_rows, self.kv_rows], dim=-1)
+        q = q.reshape(*lead, self.nh, 2 * self.hd)
+        q, gate = q[..., : self.hd], q[..., self.hd:]
+        gate = gate.reshape(*lead, self.nh * self.hd)
+        q = rms_norm(q, self.q_norm, self.eps)
+        k = rms_norm(k.reshape(*lead, self.nkv, self.hd), self.k_norm, self.eps)
+        v = v.reshape(*lead, self.nkv, self.hd)
+        cos, sin = rope.cos_sin(positions, x.dtype)
+        return rope.apply(q, cos, sin), rope.apply(k, cos, sin), v, gate
+
+    def _out(self, o, gate, lin):  # o [..., T, nh*hd]
+        o = o * torch.sigmoid(gate)
+        lead = o.shape[:-1]
+        return lin(o.reshape(-1, o.shape[-1]), self.o_proj).reshape(*lead, -1)
+
+    def forward(self, x, rope, pos0: int = 0, cache=None):
+        """Parallel path. x [B, T, H]; cache (B == 1) holds positions < pos0 and gets T more."""
+        B, T, _ = x.shape
+        positions = torch.arange(pos0, pos0 + T, device=x.device)
+        q, k, v, gate = self._project(x, rope, positions, plain_linear)
+        q = q.transpose(1, 2)  # [B, nh, T, hd]
+        if cache is not None:
+            cache.write(pos0, k[0], v[0])
+            k, v = cache.view(pos0 + T)  # [nkv, S, hd]
+            k, v = k[None], v[None]
+        else:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        S = k.shape[2]
+        if S == T:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
+        else:
+            qpos = torch.arange(S - T, S, device=x.device)
+            mask = torch.arange(S, device=x.device)[None, :] <= qpos[:, None]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        o = o.transpose(1, 2).reshape(B, T, self.nh * self.hd)
+        return self._out(o, gate, plain_linear)
+
+    def step(self, x, rope, pos0: int, cache):
+        """Exact path. x [T, H] at positions pos0..pos0+T-1; row i attends to keys <= pos0+i."""
+        T = x.shape[0]
+        positions = torch.arange(pos0, pos0 + T, device=x.device)
+        q, k, v, gate = self._project(x, rope, positions, exact_linear)
+        cache.write(pos0, k, v)
+        g = self.nh // self.nkv
+        outs = []
+        for i in range(T):
+            K, V = cache.view(pos0 + i + 1)  # [nkv, S, hd]
+            qi = q[i].reshape(self.nkv, g, self.hd)
+            s = torch.matmul(qi, K.transpose(1, 2)) * self.scale  # [nkv, g, S]
+            p = torch.softmax(s, dim=-1, dtype=torch.float32).to(x.dtype)
+            outs.append(torch.matmul(p, V).reshape(self.nh * self.hd))
+        o = torch.stack(outs)  # [T, nh*hd]
+        return self._out(o, gate, exact_linear)
+
+
+# ---- GatedDeltaNet ---------------------------------------------------------------------------
+
+
+def causal_conv(xx: torch.Tensor, w_t: torch.Tensor, T: int) -> torch.Tensor:
+    """Depthwise causal conv as a fixed-order elementwise sum (row-invariant, autograd-safe).
+    xx [..., K-1+T, C] (state rows then new rows), w_t [K, C] fp32 -> [..., T, C] fp32."""
+    K = w_t.shape[0]
+    xf = xx.float()
+    acc = xf[..., 0:T, :] * w_t[0]
+    for j in range(1, K):
+        acc = acc + xf[..., j:j + T, :] * w_t[j]
+    return acc
+
+
+def chunk_gated_delta(q, k, v, g, beta, state=None, chunk: int = 64):
+    """Chunked (parallel) gated delta rule, fp32. q/k [B, n, T, dk] (q pre-scaled), v [B, n, T, dv],
+    g/beta [B, n, T], state [B, n, dk, dv] or None -> (o [B, n, T, dv], final state)."""
+    B, n, T, dk = k.shape
+    dv = v.shape[-1]
+    pad = (chunk - T % chunk) % chunk
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        g, beta = (F.pad(t, (0, pad)) for t in (g, beta))
+    nc = (T + pad) // chunk
+    vb = (v * beta[..., None]).reshape(B, n, nc, chunk, dv)
+    kb = (k * beta[..., None]).reshape(B, n, nc, chunk, dk)
+    q = q.reshape(B, n, nc, chunk, dk)
+    k = k.reshape(B, n, nc, chunk, dk)
+    g = g.reshape(B, n, nc, chunk).cumsum(-1)
+    upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
+    decay = (g[..., :, None] - g[..., None, :]).masked_fill(upper, float("-inf")).exp()
+    ut = (kb @ k.transpose(-1, -2)) * decay
+    eye = torch.eye(chunk, dtype=q.dtype, device=q.device)
+    # (I + strictly-lower(ut)) X = rhs
+    L = ut.masked_fill(~torch.ones_like(upper).tril(-1), 0.0) + eye
+    u = torch.linalg.solve_triangular(L, vb, upper=False, unitriangular=True)
+    kcd = torch.linalg.solve_triangular(L, kb * g.exp()[..., None], upper=False, unitriangular=True)
+    attn = (q @ k.transpose(-1, -2)) * decay
+    qd = q * g.exp()[..., None]
+    kd = k * (g[..., -1:] - g).exp()[..., None]
+    cdecay = g[..., -1].exp()[..., None, None]
+    S = state if state is not None else q.new_zeros(B, n, dk, dv)
+    outs = []
+    for i in range(nc):
+        vn = u[:, :, i] - kcd[:, :, i] @ S
+        outs.append(qd[:, :, i] @ S + attn[:, :, i] @ vn)
+        S = S * cdecay[:, :, i] + kd[:, :, i].transpose(-1, -2) @ vn
+    o = torch.cat(outs, dim=2)[:, :, :T]
+    return o, S
+
+
+class GatedDeltaNet(nn.Module):
+    """Linear attention with the gated delta rule (Qwen3.5 layout; Qwen3-Next fused projections
+    are split by the checkpoint layer). Weights: in_proj [C + nv*dv + 2*nv, H] (qkv|z|b|a),
+    conv_w [C, K] fp32, A_log [nv] fp32, dt_bias [nv] fp32, gnorm [dv], out_proj [H, nv*dv]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.nk, self.nv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        self.K = cfg.linear_conv_kernel_dim
+        self.C = cfg.linear_conv_dim
+        self.key_dim, self.value_dim = self.nk * self.dk, self.nv * self.dv
+        self.eps = cfg.rms_norm_eps
+        H = cfg.hidden_size
+        self.in_proj = nn.Parameter(torch.empty(self.C + self.value_dim + 2 * self.nv, H))
+        self.conv_w = nn.Parameter(torch.empty(self.C, self.K, dtype=torch.float32))
+        self.A_log = nn.Parameter(torch.zeros(self.nv, dtype=torch.float32))
+        self.dt_bias = nn.Parameter(torch.zeros(self.nv, dtype=torch.float32))
+        self.gnorm = nn.Parameter(torch.ones(self.dv))  # gated norm: plain weight, model dtype
+        self.out_proj = nn.Parameter(torch.empty(H, self.value_dim))
+
+    def _inputs(self, x, lin):
+        """x [..., T, H] -> mixed [..., T, C], z [..., T, nv, dv], beta/g [..., T, nv] (fp32)."""
+        lead = x.shape[:-1]
+        y = lin(x.reshape(-1, x.shape[-1]), self.in_proj).reshape(*lead, -1)
+        mixed, z, b, a = y.split([self.C, self.value_dim, self.nv, self.nv], dim=-1)
+        beta = torch.sigmoid(b.float())
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
+        return mixed, z.reshape(*lead, self.nv, self.dv), beta, g
+
+    def _qkv(self, conv_out):
+        """conv_out [..., T, C] fp32 (post-conv) -> q, k [..., T, nv, dk] (q scaled), v [..., T, nv, dv]."""
+        a = F.silu(conv_out)
+        q, k, v = a.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        lead = a.shape[:-1]
+        q = l2_norm(q.reshape(*lead, self.nk, self.dk)) * (self.dk ** -0.5)
+        k = l2_norm(k.reshape(*lead, self.nk, self.dk))
+        r = self.nv // self.nk
+        if r > 1:
+            q = q.repeat_interleave(r, dim=-2)
+            k = k.repeat_interleave(r, dim=-2)
+        return q, k, v.reshape(*lead, self.nv, self.dv)
+
+    def _out(self, o, z, dtype, lin):
+        """o [..., T, nv, dv] fp32, z [..., T, nv, dv] -> [..., T, H]."""
+        y = (o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+        y = (self.gnorm * y) * F.silu(z.float())
+        y = y.to(dtype)
+        lead = y.shape[:-2]
+        return lin(y.reshape(-1, self.value_dim), self.out_proj).reshape(*lead, -1)
+
+    def forward(self, x, cache=None):
+        """Parallel path. x [B, T, H]; cache (B == 1) supplies the initial conv/recurrent state
+        and receives the final one."""
+        B, T, _ = x.shape
+        mixed, z, beta, g = self._inputs(x, plain_linear)
+        prev = cache.conv[None] if cache is not None else mixed.new_zeros(B, self.K - 1, self.C)
+        xx = torch.cat([prev.to(mixed.dtype), mixed], dim=1)
+        q, k, v = self._qkv(causal_conv(xx, self.conv_w.float().t(), T))
+        state = cache.state[None] if cache is not None else None
+        o, S = chunk_gated_delta(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                 g.transpose(1, 2), beta.transpose(1, 2), state)
+        if cache is not None:
+            cache.conv = xx[0, -(self.K - 1):].detach().clone()
+            cache.state = S[0].detach()
+        return self._out(o.transpose(1, 2), z, x.dtype, plain_linear)
+
+    def step(self, x, cache):
+        """Exact path. x [T, H]: token-by-token recurrence; records the state after every
+        position in the cache (cache.keep(m) restores the state after position m-1)."""
+        T = x.shape[0]
+        mixed, z, beta, g = self._inputs(x, exact_linear)
+        xx = torch.cat([cache.conv.to(mixed.dtype), mixed], dim=0)
+        q, k, v = self._qkv(causal_conv(xx, self.conv_w.float().t(), T))
+        decay = g.exp()
+        S = cache.state  # [nv, dk, dv] fp32
+        states, outs = [], []
+        for t in range(T):
+            kt = k[t][:, None, :]  # [nv, 1, dk]
+            S = S * decay[t][:, None, None]
+            kv = torch.bmm(kt, S)  # [nv, 1, dv]
+            delta = (v[t][:, None, :] - kv) * beta[t][:, None, None]
+            S = S + kt.transpose(1, 2) * delta
+            outs.append(torch.bmm(q[t][:, None, :], S)[:, 0])  # [nv, dv]
+            states.append(S)
+        cache.record(mixed, states)
+        return self._out(torch.stack(outs), z, x.dtype, exact_linear)
+
+
+# ---- MLPs ------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate x) * up x). gate_up [2I, H] (gate rows first), down [H, I]."""
+
+    def __init__(self, H: int, I: int):
+        super().__init__()
+        self.I = I
+        self.gate_up = nn.Parameter(torch.empty(2 * I, H))
+        self.down = nn.Parameter(torch.empty(H, I))
+
+    def forward(self, x, lin=plain_linear):  # x [N, H] -> [N, H]
+        gu = lin(x, self.gate_up)
+        return lin(F.silu(gu[:, : self.I]) * gu[:, self.I:], self.down)
+
+
+class MoE(nn.Module):
+    """Sparse MoE: fp32 softmax router, top-k, renormalise, stacked SwiGLU experts, plus
+    sigmoid(shared_expert_gate x) * shared_expert(x). experts.gate_up [E, 2I, H], down [E, H, I]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H, E, I = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+        self.E, self.top_k, self.I = E, cfg.num_experts_per_tok, I
+        self.norm_topk = cfg.norm_topk_prob
+        self.router = nn.Parameter(torch.empty(E, H))
+        self.gate_up = nn.Parameter(torch.empty(E, 2 * I, H))
+        self.down = nn.Parameter(torch.empty(E, H, I))
+        self.shared = MLP(H, cfg.shared_expert_intermediate_size)
+        self.shared_gate = nn.Parameter(torch.empty(1, H))
+
+    def route(self, x, lin):  # x [N, H] -> weights [N, k] (x.dtype), experts [N, k]
+        logits = lin(x, self.router)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        w, idx = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk:
+            w = w / w.sum(-1, keepdim=True)
+        return w.to(x.dtype), idx
+
+    def forward(self, x, lin=plain_linear):  # x [N, H] -> [N, H]
+        N, H = x.shape
+        w, idx = self.route(x, lin)
+        buf = x.new_zeros(N, self.top_k, H)
+        for e in torch.unique(idx).tolist():
+            tok, slot = torch.where(idx == e)
+            gu = lin(x[tok], self.gate_up[e])
+            y = lin(F.silu(gu[:, : self.I]) * gu[:, self.I:], self.down[e])
+            buf = buf.index_put((tok, slot), y * w[tok, slot, None])
+        out = buf[:, 0]
+        for j in range(1, self.top_k):  # fixed rank order: a token's sum ignores its neighbours
+            out = out + buf[:, j]
+        sh = self.shared(x, lin)
+        return out + torch.sigmoid(lin(x, self.shared_gate)) * sh
+
+
+# ---- decoder layer and model -----------------------------------------------------------------
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_type: str, moe: bool):
+        super().__init__()
+        self.is_attn = layer_type == FULL_ATTENTION
+        self.eps = cfg.rms_norm_eps
+        self.input_norm = nn.Parameter(torch.ones(cfg.hidden_size, dtype=torch.float32))
+        self.post_norm = nn.Parameter(torch.ones(cfg.hidden_size, dtype=torch.float32))
+        self.mixer = Attention(cfg) if self.is_attn else GatedDeltaNet(cfg)
+        self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, rope, pos0=0, cache=None):  # parallel: x [B, T, H]
+        h = rms_norm(x, self.input_norm, self.eps)
+        h = self.mixer(h, rope, pos0, cache) if self.is_attn else self.mixer(h, cache)
+        x = x + h
+        h = rms_norm(x, self.post_norm, self.eps)
+        B, T, H = h.shape
+        return x + self.mlp(h.reshape(B * T, H)).reshape(B, T, H)
+
+    def step(self, x, rope, pos0, cache):  # exact: x [T, H]
+        h = rms_norm(x, self.input_norm, self.eps)
+        h = self.mixer.step(h, rope, pos0, cache) if self.is_attn else self.mixer.step(h, cache)
+        x = x + h
+        return x + self.mlp(rms_norm(x, self.post_norm, self.eps), exact_linear)
+
+
+class Qwen35Model(nn.Module):
+    """The target model (+ optional MTP head in `self.mtp`). Build it with `loader.load_torch_model`
+    or `Qwen35Model(cfg)` + `load_canonical_state`."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.cfg = cfg
+        self.eps = cfg.rms_norm_eps
+        H, V = cfg.hidden_size, cfg.vocab_size
+        self.embed = nn.Parameter(torch.empty(V, H))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, cfg.layer_types[i], cfg.layer_is_moe(i)) for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = nn.Parameter(torch.ones(H, dtype=torch.float32))
+        self.tied = cfg.tie_word_embeddings
+        self.lm_head = None if self.tied else nn.Parameter(torch.empty(V, H))
+        self.rope = Rope(cfg)
+        self.mtp = None  # MtpHead, attached by the loader when the checkpoint has one
+        self.mtp_hidden = "post"  # which target hidden feeds the head: "post" | "pre" final norm
+
+    # -- helpers
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    def head_weight(self) -> torch.Tensor:
+        return self.embed if self.lm_head is None else self.lm_head
+
+    def logits(self, h: torch.Tensor, lin=plain_linear) -> torch.Tensor:  # [..., H] -> [..., V]
+        lead = h.shape[:-1]
+        return lin(h.reshape(-1, h.shape[-1]), self.head_weight()).reshape(*lead, -1)
+
+    # -- parallel path (training, prompts)
+    def forward_hidden(self, ids: torch.Tensor, cache=None, pos0: int = 0, logits: str = "all"):
+        """ids [B, T] -> (hidden_post [B, T, H], hidden_pre [B, T, H], logits [B, T, V] | [B, V] | None).
+        Autograd-safe when cache is None. logits: "all", "last" or "none"."""
+        x = F.embedding(ids, self.embed)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, self.rope, pos0, None if cache is None else cache.layers[i])
+        post = rms_norm(x, self.norm, self.eps)
+        out = None
+        if logits == "all":
+            out = self.logits(post)
+        elif logits == "last":
+            out = self.logits(post[:, -1])
+        return post, x, out
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [B, T] -> logits [B, T, V]
+        return self.forward_hidden(ids)[2]
+
+    def prefill(self, ids: torch.Tensor, cache):
+        """ids [T] after cache.length positions -> (post [T, H], pre [T, H], last logits [V]);
+        commits the T positions to the cache."""
+        pos0 = cache.length
+        cache.ensure(pos0 + ids.shape[0])
+        post, pre, last = self.forward_hidden(ids[None], cache, pos0, logits="last")
+        cache.length = pos0 + ids.shape[0]
+        return post[0], pre[0], last[0]
+
+    # -- exact path (decode and verify)
+    def step(self, ids: torch.Tensor, cache):
+        """ids [T] at positions cache.length.. -> (post [T, H], pre [T, H], logits [T, V]).
+        Positions stay pending until cache.keep(m)."""
+        pos0 = cache.length
+        cache.ensure(pos0 + ids.shape[0])
+        x = F.embedding(ids, self.embed)
+        for i, layer in enumerate(self.layers):
+            x = layer.step(x, self.rope, pos0, cache.layers[i])
+        post = rms_norm(x, self.norm, self.eps)
+        return post, x, self.logits(post, exact_linear)
+
+    def new_cache(self, max_len: int):
+        from .cache import ModelCache
+
+        return ModelCache(self, max_len)
+
+    def new_session(self, max_context: int | None = None, hidden_source: str | None = None):
+        from .session import TorchSession
+
+        return TorchSession(self, max_context=max_context, hidden_source=hidden_source)
+
+
+def check_row_invariance(model: Qwen35Model, max_rows: int = 8) -> list[str]:
+    """Measure, on this machine and thread count, that exact_linear gives bit-identical rows for
+    1..max_rows rows on every distinct weight shape of `model`. Returns a list of failures."""
+    shapes: dict[tuple, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        if p.ndim == 2 and p.dtype == model.dtype:
+            shapes.setdefault(tuple(p.shape), p)
+        elif p.ndim == 3:
+            shapes.setdefault(tuple(p.shape[1:]), p[0])
+    bad = []
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for shape, w in shapes.items():
+            x = torch.randn(max_rows, shape[1], generator=gen).to(w.dtype)
+            ref = exact_linear(x[:1], w)[0]
+            for m in range(2, max_rows + 1):
+                for pos in (0, m - 1):
+                    xx = torch.randn(m, shape[1], generator=gen).to(w.dtype)
+                    xx[pos] = x[0]
+                    if not torch.equal(exact_linear(xx, w)[pos], ref):
+                        bad.append(f"{tuple(shape)} {w.dtype}: row {pos} of {m} differs from 1 row")
+    return bad
+
+
+__all__ = [
+    "ROW_GROUP", "exact_linear", "rms_norm", "Rope", "Attention", "GatedDeltaNet", "MLP", "MoE",
+    "DecoderLayer", "Qwen35Model", "chunk_gated_delta", "causal_conv", "check_row_invariance",
+]

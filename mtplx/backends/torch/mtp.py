@@ -1,0 +1,81 @@
+"""The MTP head: predicts x[t+2] from (h[t], x[t+1]) at RoPE position t.
+
+    e  = norm_emb(embed(x[t+1]))                 # mtp.pre_fc_norm_embedding
+    hh = norm_hid(h[t])                          # mtp.pre_fc_norm_hidden
+    u  = fc(concat([e, hh]))                     # mtp.fc [H, 2H], embedding first
+    u  = layer(u, position t, own KV cache)      # mtp.layers.0: full-attention decoder layer
+    g  = norm(u)                                 # mtp.norm
+    logits = lm_head(g)                          # shared with the target (or tied embedding)
+
+Depth > 1 applies the same layer again with hidden = g (the head's own output after mtp.norm;
+with `hidden_source="pre"` the pre-norm u instead), token = the token just drafted, position + 1.
+Only `mtp.layers.0` drafts; further MTP layers (none in released Qwen checkpoints) are loaded
+but unused.
+
+The head borrows the target's embedding, lm_head and RoPE without registering the target as a
+submodule, so `head.state_dict()` / `head.parameters()` hold only the head's own tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mtplx.checkpoint.config import FULL_ATTENTION, ModelConfig
+
+from .model import DecoderLayer, rms_norm
+
+
+class MtpHead(nn.Module):
+    def __init__(self, cfg: ModelConfig, n_layers: int = 1):
+        super().__init__()
+        H = cfg.hidden_size
+        self.eps = cfg.rms_norm_eps
+        self.norm_emb = nn.Parameter(torch.ones(H, dtype=torch.float32))
+        self.norm_hid = nn.Parameter(torch.ones(H, dtype=torch.float32))
+        self.fc = nn.Parameter(torch.empty(H, 2 * H))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, FULL_ATTENTION, cfg.mtp_is_moe) for _ in range(n_layers))
+        self.norm = nn.Parameter(torch.ones(H, dtype=torch.float32))
+        self.__dict__["_target"] = None
+
+    def attach(self, target) -> None:
+        """Share `target`'s embedding, lm_head and RoPE (not registered as a submodule)."""
+        self.__dict__["_target"] = target
+
+    @property
+    def target(self):
+        if self._target is None:
+            raise RuntimeError("MtpHead is not attached to a target model (call head.attach(model))")
+        return self._target
+
+    def _fc_in(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+        """hidden [..., H], next_ids [...] -> u [..., H]."""
+        e = rms_norm(F.embedding(next_ids, self.target.embed), self.norm_emb, self.eps)
+        hh = rms_norm(hidden.to(e.dtype), self.norm_hid, self.eps)
+        return F.linear(torch.cat([e, hh], dim=-1), self.fc)
+
+    def forward_train(self, hidden: torch.Tensor, next_ids: torch.Tensor, return_hidden: bool = False):
+        """Teacher-forced head over whole sequences (autograd-safe).
+        hidden [B, T, H] = h[0..T-1], next_ids [B, T] = x[1..T] -> logits [B, T, V] for x[2..T+1]
+        (and the post-norm head output g [B, T, H] when return_hidden)."""
+        u = self._fc_in(hidden, next_ids)
+        u = self.layers[0](u, self.target.rope, 0, None)
+        g = rms_norm(u, self.norm, self.eps)
+        logits = self.target.logits(g)
+        return (logits, g) if return_hidden else logits
+
+    def forward(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+        return self.forward_train(hidden, next_ids)
+
+    def rows(self, hidden: torch.Tensor, next_ids: torch.Tensor, pos0: int, cache):
+        """Inference: pairs (hidden [T, H], next_ids [T]) at head positions pos0..pos0+T-1, with
+        the head's KV cache (`AttnCache`) holding positions < pos0. Writes T entries.
+        -> (g [T, H] post mtp.norm, u [T, H] pre mtp.norm, logits [T, V])."""
+        u = self._fc_in(hidden, next_ids)[None]
+        u = self.layers[0](u, self.target.rope, pos0, cache)[0]
+        g = rms_norm(u, self.norm, self.eps)
+        return g, u, self.target.logits(g)
+
+
+__all__ = ["MtpHead"]
