@@ -265,7 +265,7 @@ def render_text(rep: InspectReport) -> str:
                 continue
             status = "ok" if gg["ok"] else (f"{gg['missing_count']} missing, {gg['extra_count']} extra, "
                                             f"{gg['wrong_shape_count']} wrong shape")
-            lines.append(f"  {'gate ' + g:<15}{gg['found']}/{gg['expected']} ({gg['layout']}"
+            lines.append(f"  {'gate ' + g:<18}{gg['found']}/{gg['expected']} ({gg['layout']}"
                          f"{', quantized' if gg['quantized'] else ''}): {status}")
             for n in gg["missing"][:3]:
                 lines.append(f"         missing {n}")
@@ -277,10 +277,10 @@ def render_text(rep: InspectReport) -> str:
     if h:
         lines.append(f"  mtp head          {h['kind']} ({Path(h['path']).name}), {h['layers']} layer(s), {h['layout']}")
     elif d["model"]:
-        lines.append("  mtp head       none")
+        lines.append("  mtp head          none")
     for g, r in d["norms"].items():
         if r["convention"]:
-            lines.append(f"  {'norms ' + g:<15}{r['convention']} ({r['source']}: {r['evidence']})")
+            lines.append(f"  {'norms ' + g:<18}{r['convention']} ({r['source']}: {r['evidence']})")
     for w in d["warnings"]:
         lines.append(f"  warning           {w}")
     lines.append(f"  verdict           {rep.verdict} (exit {rep.exit_code}){': ' + rep.reason if rep.reason else ''}")
