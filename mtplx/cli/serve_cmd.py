@@ -44,7 +44,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help=HELP, description=HELP)
     add_arguments(p)
-    p.set_defaults(func=run)
     return p
 
 

@@ -129,6 +129,41 @@ class GuardMiddleware:
                 self.metrics.errors.labels(kind=str(status_box[0])).inc()
 
 
+_ERROR_SCHEMA = {"type": "object", "description": "OpenAI {'error': {...}} or Anthropic {'type': 'error', "
+                 "'error': {...}} error body"}
+_ERROR_CODES = {"400": "invalid request", "404": "no such model", "401": "missing or wrong API key", "413": "request body too large",
+                "429": "queue full, retry later", "500": "internal error (no details)"}
+
+
+def _document_errors(app: FastAPI) -> None:
+    """The OpenAPI document says what the server does: 400 (not FastAPI's 422) for bad input."""
+    original = app.openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = original()
+            for item in schema.get("paths", {}).values():
+                for op in item.values():
+                    responses = op.setdefault("responses", {})
+                    responses.pop("422", None)
+                    if "requestBody" in op and "200" in responses:  # generation routes also stream
+                        responses["200"].setdefault("content", {})["text/event-stream"] = {
+                            "schema": {"type": "string", "description": "server-sent events (stream: true)"}}
+                    for code, desc in _ERROR_CODES.items():
+                        if code in ("400", "404") and not op.get("requestBody") and not op.get("parameters"):
+                            continue
+                        if code in ("413", "429") and not op.get("requestBody"):
+                            continue
+                        responses.setdefault(code, {"description": desc, "content": {
+                            "application/json": {"schema": _ERROR_SCHEMA}}})
+            schema.get("components", {}).get("schemas", {}).pop("HTTPValidationError", None)
+            schema.get("components", {}).get("schemas", {}).pop("ValidationError", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def create_app(model: ModelAdapter, *, depth: int = 0, max_queue: int = 16, parallel: int = 1,
                api_key: str | None = None, max_body: int = DEFAULT_MAX_BODY,
                max_tokens_cap: int | None = None, model_id: str | None = None) -> FastAPI:
@@ -166,5 +201,6 @@ def create_app(model: ModelAdapter, *, depth: int = 0, max_queue: int = 16, para
     async def prom_metrics(request: Request):
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    _document_errors(app)
     app.add_middleware(GuardMiddleware, api_key=api_key, max_body=max_body, metrics=metrics)
     return app

@@ -1,0 +1,52 @@
+"""Bounded schema fuzzing (schemathesis) of a real server process (FakeModel, so every case is fast):
+no input may produce a 5xx, every 4xx carries an API-shaped error body."""
+
+from __future__ import annotations
+
+import pytest
+
+schemathesis = pytest.importorskip("schemathesis")
+from hypothesis import HealthCheck, settings  # noqa: E402
+from schemathesis.checks import (  # noqa: E402
+    content_type_conformance, negative_data_rejection, not_a_server_error, status_code_conformance,
+)
+
+from mtplx.server.testing import ServerProcess  # noqa: E402
+
+_srv = ServerProcess(["mtplx.server.fake", "--max-context", "128", "--max-body", str(256 * 1024)])
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    with _srv:
+        yield _srv.base_url
+
+
+def _load():
+    from mtplx.server.app import create_app
+    from mtplx.server.fake import FakeModel
+
+    return schemathesis.openapi.from_dict(create_app(FakeModel()).openapi())  # the served document
+
+
+schema = _load()
+
+
+def api_shaped_errors(ctx, response, case):
+    if response.status_code >= 400:
+        body = response.json()
+        if case.path.startswith("/v1/messages"):
+            assert body["type"] == "error" and body["error"]["message"], body
+        else:
+            assert body["error"]["message"], body
+        assert "Traceback" not in response.text
+
+
+@schema.parametrize()
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+def test_fuzz_openapi(case, server_url):
+    if case.path == "/metrics":
+        pytest.skip("text exposition, not JSON")
+    case.call_and_validate(base_url=server_url, timeout=30,
+                           checks=[not_a_server_error, status_code_conformance, content_type_conformance,
+                                   negative_data_rejection, api_shaped_errors])
