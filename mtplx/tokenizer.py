@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 
-class TokenizerError(Exception):
+class TokenizerError(ValueError):
     """A tokenizer cannot be loaded or used; the message says what to do."""
 
 

@@ -36,6 +36,7 @@ class GenerationStep:
     from_draft: bool  # an accepted draft (True) or a target-sampled token (False)
     finish_reason: str | None  # None, "stop" (stop id / EOS / stop string) or "length"
     stats: GenerationStats  # running statistics (the same object throughout)
+    stop: str | int | None = None  # what ended it: the stop string, or the stop / EOS token id
 
 
 def check_prompt(prompt_ids: list[int], max_context: int | None) -> None:
@@ -85,28 +86,32 @@ def generate_steps(
     stats.prompt_time_s = t_first - t0
     generated = 0
 
+    def drain() -> tuple[str, bool]:
+        """End of text: release what the detokenizer and the stop filter still hold."""
+        tail = detokenizer.flush() if detokenizer else ""
+        text, stopped = stops.feed(tail)
+        return (text, True) if stopped else (text + stops.flush(), False)
+
     def emit(tok: int, from_draft: bool) -> GenerationStep:
         nonlocal generated
         generated += 1
         stats.generation_tokens = generated
-        finish = None
-        if tok in stop_ids:
-            text = stops.flush() + (detokenizer.flush() if detokenizer else "")
-            finish = "stop"
+        finish = matched = None
+        if tok in stop_ids:  # a stop id / EOS: its own text is never emitted
+            text, stopped = drain()
+            finish, matched = "stop", (stops.matched if stopped else tok)
         else:
-            delta = detokenizer.add(tok) if detokenizer else ""
-            text, stopped = stops.feed(delta)
+            text, stopped = stops.feed(detokenizer.add(tok) if detokenizer else "")
             if stopped:
-                finish = "stop"
+                finish, matched = "stop", stops.matched
             elif generated >= budget:
-                tail = detokenizer.flush() if detokenizer else ""
-                more, stopped = stops.feed(tail)
-                text += more if stopped else more + stops.flush()
-                finish = "stop" if stopped else "length"
+                more, stopped = drain()
+                text += more
+                finish, matched = ("stop", stops.matched) if stopped else ("length", None)
         stats.generation_time_s = clock() - t_first
         if finish is not None:
             stats.peak_memory_bytes = peak_memory_bytes(session)
-        return GenerationStep(tok, text, from_draft, finish, stats)
+        return GenerationStep(tok, text, from_draft, finish, stats, matched)
 
     step = emit(int(first), False)
     yield step

@@ -60,6 +60,9 @@ class GenerationStats:
     def record_cycle(self, n_drafted: int, n_accepted: int) -> None:
         """One verify pass that checked `n_drafted` drafts and accepted the first `n_accepted`."""
         self.verify_passes += 1
+        if n_drafted > len(self.drafted):
+            self.drafted += [0] * (n_drafted - len(self.drafted))
+            self.accepted += [0] * (n_drafted - len(self.accepted))
         for k in range(n_drafted):
             self.drafted[k] += 1
         for k in range(n_accepted):

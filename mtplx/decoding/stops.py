@@ -12,16 +12,18 @@ class StopStrings:
     def __init__(self, stops: list[str] | tuple[str, ...] = ()):
         self.stops = [s for s in stops if s]
         self.held = ""  # text received but not released yet
+        self.matched: str | None = None  # the stop string that ended the text, once one has
 
     def feed(self, delta: str) -> tuple[str, bool]:
         """Append a text delta -> (text safe to release now, stopped)."""
         if not self.stops:
             return delta, False
         buf = self.held + delta
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for i, s in ((buf.find(s), s) for s in self.stops) if i >= 0]
         if hits:
+            i, self.matched = min(hits)
             self.held = ""
-            return buf[: min(hits)], True
+            return buf[:i], True
         keep = 0
         for s in self.stops:
             for k in range(min(len(s) - 1, len(buf)), keep, -1):

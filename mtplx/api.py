@@ -1,0 +1,233 @@
+"""The Python API.
+
+    import mtplx
+    model = mtplx.load("path/to/checkpoint")            # None: the embedded default model
+    for r in mtplx.stream_generate(model, "Hello", mtplx.SamplingParams(max_tokens=64), depth=3):
+        print(r.text, end="", flush=True)                # r.token, r.from_draft, r.stats, ...
+    result = mtplx.generate(model, [{"role": "user", "content": "Hi"}], depth=2)
+    result.text, result.token_ids, result.finish_reason, result.stats
+
+A prompt is a string (tokenized as is), a list of token ids, or a list of chat messages
+(dicts with role/content: rendered with the checkpoint's chat template).
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from mtplx.decoding.loop import GenerationStep, generate_steps
+from mtplx.decoding.params import SamplingParams
+from mtplx.decoding.stats import GenerationStats
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default_model"
+BACKENDS = ("torch", "mlx")
+
+
+def default_model_path() -> Path | None:
+    """The embedded default model folder, or None when this install has none."""
+    return DEFAULT_MODEL_DIR if (DEFAULT_MODEL_DIR / "config.json").is_file() else None
+
+
+def default_backend() -> str:
+    if platform.system() == "Darwin" and platform.machine() == "arm64":
+        try:
+            import mlx.core  # noqa: F401
+
+            from mtplx.backends import mlx as _m  # noqa: F401
+
+            if hasattr(_m, "load"):
+                return "mlx"
+        except Exception:  # noqa: BLE001 - mlx missing or the mlx backend not built: torch
+            pass
+    return "torch"
+
+
+@dataclass
+class Model:
+    """A loaded checkpoint: backend model, config, tokenizer (None when the folder has none)."""
+
+    backend: str
+    model: Any
+    config: Any  # mtplx.checkpoint.config.ModelConfig
+    tokenizer: Any  # mtplx.tokenizer.Tokenizer | None
+    path: Path | None
+    dtype: str
+    device: str
+
+    @property
+    def has_mtp(self) -> bool:
+        return getattr(self.model, "mtp", None) is not None
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.tokenizer is not None and self.tokenizer.eos_token_ids:
+            return list(self.tokenizer.eos_token_ids)
+        return list(getattr(self.config, "eos_token_id", []) or [])
+
+    @property
+    def max_context(self) -> int:
+        return int(self.config.max_position_embeddings)
+
+    def new_session(self, max_context: int | None = None):
+        """A fresh Session (one sequence) on this model."""
+        if self.backend == "torch":
+            from mtplx.backends.torch.session import TorchSession
+
+            return TorchSession(self.model, max_context=max_context)
+        raise ValueError(f"backend {self.backend!r} has no session implementation yet; use --backend torch")
+
+    def encode_prompt(self, prompt: str | list, chat_kwargs: dict | None = None) -> list[int]:
+        """str -> tokens; list[int] -> as is; list[dict] (chat messages) -> chat template."""
+        if isinstance(prompt, str):
+            return self._tok("a text prompt").encode(prompt)
+        prompt = list(prompt)
+        if prompt and isinstance(prompt[0], dict):
+            return self._tok("chat messages").encode_chat(prompt, **(chat_kwargs or {}))
+        if not all(isinstance(t, int) or hasattr(t, "__index__") for t in prompt):
+            raise ValueError("prompt must be a string, a list of token ids, or a list of chat messages")
+        ids = [int(t) for t in prompt]
+        V = int(self.config.vocab_size)
+        bad = [t for t in ids if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{V - 1})")
+        return ids
+
+    def _tok(self, what: str):
+        if self.tokenizer is None:
+            where = self.path or "this checkpoint"
+            raise ValueError(f"{what} needs a tokenizer, and {where} has no tokenizer.json: pass token ids instead")
+        return self.tokenizer
+
+
+def load(path: str | Path | None = None, backend: str | None = None, dtype: str | None = None,
+         device: str | None = None) -> Model:
+    """Load a checkpoint folder (None: the embedded default model) on a backend."""
+    if path is None:
+        path = default_model_path()
+        if path is None:
+            raise FileNotFoundError(
+                f"no model given and the embedded default model is not installed ({DEFAULT_MODEL_DIR}): "
+                f"pass a checkpoint folder (--model DIR / mtplx.load(path))"
+            )
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model folder {path} does not exist")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is not a folder: give the checkpoint folder holding config.json")
+    backend = backend or default_backend()
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    from mtplx.checkpoint.config import load_config
+
+    cfg = load_config(path)
+    tokenizer = None
+    if (path / "tokenizer.json").is_file():
+        from mtplx.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_dir(path)
+    if backend == "torch":
+        import torch
+
+        from mtplx.backends.torch.loader import load_torch_model
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = dtype or ("bfloat16" if device != "cpu" else "float32")
+        m = load_torch_model(path, dtype=dtype, device=device, config=cfg)
+        return Model("torch", m, cfg, tokenizer, path, str(m.dtype).replace("torch.", ""), str(device))
+    raise ValueError("the mlx backend is not available in this build; use --backend torch")
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed token (mlx-lm's GenerationResponse, plus MTP fields)."""
+
+    text: str  # text delta released with this token ("" while held back)
+    token: int
+    from_draft: bool  # accepted MTP draft (True) or sampled by the target (False)
+    finish_reason: str | None  # None, "stop" or "length"
+    stats: GenerationStats  # running
+    stop: str | int | None = None  # the stop string or stop/EOS id that ended the generation
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.stats.prompt_tokens
+
+    @property
+    def generation_tokens(self) -> int:
+        return self.stats.generation_tokens
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.stats.prompt_tps
+
+    @property
+    def generation_tps(self) -> float:
+        return self.stats.generation_tps
+
+    @property
+    def peak_memory(self) -> float:  # GB
+        return self.stats.peak_memory_gb
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str | None
+    stats: GenerationStats
+    from_draft: list[bool] = field(default_factory=list)
+    stop: str | int | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.text,
+            "prompt_token_ids": self.prompt_token_ids,
+            "token_ids": self.token_ids,
+            "finish_reason": self.finish_reason,
+            "stop": self.stop,
+            "stats": self.stats.to_dict(),
+        }
+
+
+def _resolve(model: Model, params: SamplingParams | None, depth: int | None) -> tuple[SamplingParams, int]:
+    params = params or SamplingParams()
+    if depth is None:
+        depth = 3 if model.has_mtp else 0
+    if depth > 0 and not model.has_mtp:
+        raise ValueError(
+            f"depth {depth} needs an MTP head and {model.path or 'this model'} has none: "
+            f"use depth 0, or graft a head (mtplx graft)"
+        )
+    return params, depth
+
+
+def stream_generate(model: Model, prompt: str | list, params: SamplingParams | None = None,
+                    depth: int | None = None, *, session=None, chat_kwargs: dict | None = None
+                    ) -> Iterator[GenerationResponse]:
+    """Yield a GenerationResponse per emitted token. depth None: 3 with an MTP head, else 0."""
+    params, depth = _resolve(model, params, depth)
+    ids = model.encode_prompt(prompt, chat_kwargs)
+    session = session or model.new_session()
+    detok = model.tokenizer.detokenizer() if model.tokenizer is not None else None
+    step: GenerationStep
+    for step in generate_steps(session, ids, params, depth, eos_token_ids=model.eos_token_ids, detokenizer=detok):
+        yield GenerationResponse(step.text, step.token_id, step.from_draft, step.finish_reason, step.stats, step.stop)
+
+
+def generate(model: Model, prompt: str | list, params: SamplingParams | None = None, depth: int | None = None,
+             *, chat_kwargs: dict | None = None) -> GenerationResult:
+    """Run a whole generation -> GenerationResult (text, ids, finish reason, stats)."""
+    params, depth = _resolve(model, params, depth)
+    ids = model.encode_prompt(prompt, chat_kwargs)
+    texts, toks, drafts = [], [], []
+    last = None
+    for r in stream_generate(model, ids, params, depth):
+        texts.append(r.text)
+        toks.append(r.token)
+        drafts.append(r.from_draft)
+        last = r
+    return GenerationResult("".join(texts), ids, toks, last.finish_reason, last.stats, drafts, last.stop)

@@ -1,0 +1,97 @@
+"""`mtplx generate`: plain (depth 0) or MTP decoding, streaming text, then the stats lines.
+
+    mtplx generate --model DIR --prompt "Hello" --depth 3 --max-tokens 128 --temp 0.7
+    echo "Hello" | mtplx generate --model DIR --prompt - --chat --json
+
+Text goes to stdout as it is decided; the stats lines (mlx-lm style, plus the MTP line) go to
+stderr, so stdout stays the generated text. --json prints one object instead:
+{text, prompt_token_ids, token_ids, finish_reason, stop, stats}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+HELP = "generate text with MTP speculative decoding (or plain decoding with --depth 0)"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("generate", help=HELP, description=HELP)
+    p.add_argument("--model", "-m", default=None, help="checkpoint folder (default: the embedded default model)")
+    p.add_argument("--prompt", "-p", required=True, help="prompt text, or - to read it from stdin")
+    p.add_argument("--chat", action="store_true", help="apply the checkpoint's chat template")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--no-thinking", action="store_true", help="pass enable_thinking=false to the chat template")
+    p.add_argument("--depth", "-d", type=int, default=None,
+                   help="MTP draft depth; 0 = plain decoding (default: 3 when the model has a head, else 0)")
+    p.add_argument("--max-tokens", "-n", type=int, default=256, help="maximum tokens to generate (default 256)")
+    p.add_argument("--temp", "--temperature", dest="temp", type=float, default=0.0, help="temperature (0 = greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * max prob (0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (runs with the same seed repeat exactly)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); never printed")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+    p.add_argument("--greedy-draft", action="store_true", help="at temp > 0, draft with argmax (still exact)")
+    p.add_argument("--backend", choices=["torch", "mlx"], default=None, help="array backend (default: per platform)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    return p
+
+
+def _prompt_text(arg: str) -> str:
+    if arg == "-":
+        return sys.stdin.read()
+    return arg
+
+
+def run(args) -> int:
+    import mtplx
+    from mtplx.decoding.params import SamplingParams
+
+    params = SamplingParams(
+        temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
+        max_tokens=args.max_tokens, stop=list(args.stop), ignore_eos=args.ignore_eos,
+        greedy_draft=args.greedy_draft,
+    )
+    params.validate()
+    if args.depth is not None and args.depth < 0:
+        raise ValueError(f"--depth must be >= 0, got {args.depth}")
+    text = _prompt_text(args.prompt)
+    model = mtplx.load(args.model, backend=args.backend, dtype=args.dtype, device=args.device)
+    if args.chat:
+        messages = []
+        if args.system:
+            messages.append({"role": "system", "content": args.system})
+        messages.append({"role": "user", "content": text})
+        prompt = messages
+    else:
+        if args.system:
+            raise ValueError("--system needs --chat")
+        prompt = text
+    chat_kwargs = {"enable_thinking": False} if args.no_thinking else None
+
+    if args.json:
+        res = mtplx.generate(model, prompt, params, args.depth, chat_kwargs=chat_kwargs)
+        print(json.dumps(res.to_dict(), ensure_ascii=False))
+        return 0
+
+    last = None
+    out = sys.stdout
+    for r in mtplx.stream_generate(model, prompt, params, args.depth, chat_kwargs=chat_kwargs):
+        if r.text:
+            out.write(r.text)
+            out.flush()
+        last = r
+    out.write("\n")
+    out.flush()
+    err = sys.stderr
+    print("==========", file=err)
+    for line in last.stats.format_lines():
+        print(line, file=err)
+    print(f"Finish: {last.finish_reason}", file=err)
+    return 0
