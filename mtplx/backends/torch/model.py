@@ -55,6 +55,33 @@ def plain_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
+def plain_ew(fn, x: torch.Tensor) -> torch.Tensor:
+    return fn(x)
+
+
+def exact_ew(fn, x: torch.Tensor) -> torch.Tensor:
+    """Apply an elementwise transcendental op (exp, sigmoid, silu, softplus, ...) to x [T, ...] so
+    that row i gets the bits a 1-row call would give. ATen runs contiguous elementwise ops as one
+    flat SIMD loop with a scalar tail (and splits big ones across threads), and the SIMD and scalar
+    exp differ in the last bit: rows are aligned only if each row is a multiple of 64 elements and
+    the op stays single-threaded; otherwise run row by row."""
+    T = x.shape[0]
+    if T == 1 or (x.is_contiguous() and x[0].numel() % 64 == 0 and x.numel() < 32768):
+        return fn(x)
+    return torch.cat([fn(x[i:i + 1]) for i in range(T)])
+
+
+class Ops:
+    """The kernels a forward uses: plain (parallel path) or exact (decode/verify path)."""
+
+    def __init__(self, lin, ew):
+        self.lin, self.ew = lin, ew
+
+
+PLAIN = Ops(plain_linear, plain_ew)
+EXACT = Ops(exact_linear, exact_ew)
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., D] * rsqrt(mean(x^2) + eps) * w, in fp32 (w: fp32 multiplier, 1 + w_file)."""
     xf = x.float()
@@ -83,14 +110,33 @@ class Rope(nn.Module):
         self.dim = dim
         self.theta = cfg.rope_theta
 
+        self._cos = self._sin = None  # fp32 tables [n_blocks * BLOCK, rot]
+
+    BLOCK = 256
+
     def reset(self, device) -> None:
         dim = self.dim
         self.inv_freq = 1.0 / (self.theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+        self._cos = self._sin = None
+
+    def _grow(self, n: int) -> None:
+        """Tables cover positions < n. Each block of BLOCK positions is computed on its own with
+        the same shapes, so a position's cos/sin bits never depend on the call that asks."""
+        have = 0 if self._cos is None else self._cos.shape[0]
+        cs, ss = [], []
+        for b0 in range(have, n, self.BLOCK):
+            pos = torch.arange(b0, b0 + self.BLOCK, device=self.inv_freq.device, dtype=torch.float32)
+            f = pos[:, None] * self.inv_freq.float()[None, :]
+            emb = torch.cat([f, f], dim=-1)
+            cs.append(emb.cos())
+            ss.append(emb.sin())
+        if cs:
+            self._cos = torch.cat(([self._cos] if self._cos is not None else []) + cs)
+            self._sin = torch.cat(([self._sin] if self._sin is not None else []) + ss)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):  # [T] -> 2 x [T, rot]
-        f = positions.float()[:, None] * self.inv_freq.float()[None, :]
-        emb = torch.cat([f, f], dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        self._grow(int(positions.max()) + 1)
+        return self._cos[positions].to(dtype), self._sin[positions].to(dtype)
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [..., T, n, hd], cos/sin [T, rot]."""
@@ -120,10 +166,10 @@ class Attention(nn.Module):
         self.q_norm = nn.Parameter(torch.ones(self.hd, dtype=torch.float32))
         self.k_norm = nn.Parameter(torch.ones(self.hd, dtype=torch.float32))
 
-    def _project(self, x, rope: Rope, positions, lin):
+    def _project(self, x, rope: Rope, positions, ops: Ops):
         """x [..., T, H] -> q [..., T, nh, hd], k/v [..., T, nkv, hd], gate [..., T, nh*hd]."""
         lead = x.shape[:-1]
-        y = lin(x.reshape(-1, x.shape[-1]), self.qkv).reshape(*lead, -1)
+        y = ops.lin(x.reshape(-1, x.shape[-1]), self.qkv).reshape(*lead, -1)
         q, k, v = y.split([self.q_rows, self.kv_rows, self.kv_rows], dim=-1)
         q = q.reshape(*lead, self.nh, 2 * self.hd)
         q, gate = q[..., : self.hd], q[..., self.hd:]
@@ -134,16 +180,16 @@ class Attention(nn.Module):
         cos, sin = rope.cos_sin(positions, x.dtype)
         return rope.apply(q, cos, sin), rope.apply(k, cos, sin), v, gate
 
-    def _out(self, o, gate, lin):  # o [..., T, nh*hd]
-        o = o * torch.sigmoid(gate)
+    def _out(self, o, gate, ops: Ops):  # o [..., T, nh*hd]
+        o = o * ops.ew(torch.sigmoid, gate)
         lead = o.shape[:-1]
-        return lin(o.reshape(-1, o.shape[-1]), self.o_proj).reshape(*lead, -1)
+        return ops.lin(o.reshape(-1, o.shape[-1]), self.o_proj).reshape(*lead, -1)
 
     def forward(self, x, rope, pos0: int = 0, cache=None):
         """Parallel path. x [B, T, H]; cache (B == 1) holds positions < pos0 and gets T more."""
         B, T, _ = x.shape
         positions = torch.arange(pos0, pos0 + T, device=x.device)
-        q, k, v, gate = self._project(x, rope, positions, plain_linear)
+        q, k, v, gate = self._project(x, rope, positions, PLAIN)
         q = q.transpose(1, 2)  # [B, nh, T, hd]
         if cache is not None:
             cache.write(pos0, k[0], v[0])
@@ -159,13 +205,13 @@ class Attention(nn.Module):
             mask = torch.arange(S, device=x.device)[None, :] <= qpos[:, None]
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
         o = o.transpose(1, 2).reshape(B, T, self.nh * self.hd)
-        return self._out(o, gate, plain_linear)
+        return self._out(o, gate, PLAIN)
 
     def step(self, x, rope, pos0: int, cache):
         """Exact path. x [T, H] at positions pos0..pos0+T-1; row i attends to keys <= pos0+i."""
         T = x.shape[0]
         positions = torch.arange(pos0, pos0 + T, device=x.device)
-        q, k, v, gate = self._project(x, rope, positions, exact_linear)
+        q, k, v, gate = self._project(x, rope, positions, EXACT)
         cache.write(pos0, k, v)
         g = self.nh // self.nkv
         outs = []
@@ -176,7 +222,7 @@ class Attention(nn.Module):
             p = torch.softmax(s, dim=-1, dtype=torch.float32).to(x.dtype)
             outs.append(torch.matmul(p, V).reshape(self.nh * self.hd))
         o = torch.stack(outs)  # [T, nh*hd]
-        return self._out(o, gate, exact_linear)
+        return self._out(o, gate, EXACT)
 
 
 # ---- GatedDeltaNet ---------------------------------------------------------------------------
@@ -251,18 +297,19 @@ class GatedDeltaNet(nn.Module):
         self.gnorm = nn.Parameter(torch.ones(self.dv))  # gated norm: plain weight, model dtype
         self.out_proj = nn.Parameter(torch.empty(H, self.value_dim))
 
-    def _inputs(self, x, lin):
-        """x [..., T, H] -> mixed [..., T, C], z [..., T, nv, dv], beta/g [..., T, nv] (fp32)."""
+    def _inputs(self, x, ops: Ops):
+        """x [..., T, H] -> mixed [..., T, C], z [..., T, nv, dv], beta/decay [..., T, nv] (fp32)."""
         lead = x.shape[:-1]
-        y = lin(x.reshape(-1, x.shape[-1]), self.in_proj).reshape(*lead, -1)
+        y = ops.lin(x.reshape(-1, x.shape[-1]), self.in_proj).reshape(*lead, -1)
         mixed, z, b, a = y.split([self.C, self.value_dim, self.nv, self.nv], dim=-1)
-        beta = torch.sigmoid(b.float())
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
+        A = self.A_log.float().exp()
+        beta = ops.ew(torch.sigmoid, b.float().contiguous())
+        g = -A * ops.ew(F.softplus, (a.float() + self.dt_bias.float()).contiguous())
         return mixed, z.reshape(*lead, self.nv, self.dv), beta, g
 
-    def _qkv(self, conv_out):
+    def _qkv(self, conv_out, ops: Ops):
         """conv_out [..., T, C] fp32 (post-conv) -> q, k [..., T, nv, dk] (q scaled), v [..., T, nv, dv]."""
-        a = F.silu(conv_out)
+        a = ops.ew(F.silu, conv_out)
         q, k, v = a.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         lead = a.shape[:-1]
         q = l2_norm(q.reshape(*lead, self.nk, self.dk)) * (self.dk ** -0.5)
@@ -273,38 +320,38 @@ class GatedDeltaNet(nn.Module):
             k = k.repeat_interleave(r, dim=-2)
         return q, k, v.reshape(*lead, self.nv, self.dv)
 
-    def _out(self, o, z, dtype, lin):
+    def _out(self, o, z, dtype, ops: Ops):
         """o [..., T, nv, dv] fp32, z [..., T, nv, dv] -> [..., T, H]."""
         y = (o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
-        y = (self.gnorm * y) * F.silu(z.float())
+        y = (self.gnorm * y) * ops.ew(F.silu, z.float())
         y = y.to(dtype)
         lead = y.shape[:-2]
-        return lin(y.reshape(-1, self.value_dim), self.out_proj).reshape(*lead, -1)
+        return ops.lin(y.reshape(-1, self.value_dim), self.out_proj).reshape(*lead, -1)
 
     def forward(self, x, cache=None):
         """Parallel path. x [B, T, H]; cache (B == 1) supplies the initial conv/recurrent state
         and receives the final one."""
         B, T, _ = x.shape
-        mixed, z, beta, g = self._inputs(x, plain_linear)
+        mixed, z, beta, g = self._inputs(x, PLAIN)
         prev = cache.conv[None] if cache is not None else mixed.new_zeros(B, self.K - 1, self.C)
         xx = torch.cat([prev.to(mixed.dtype), mixed], dim=1)
-        q, k, v = self._qkv(causal_conv(xx, self.conv_w.float().t(), T))
+        q, k, v = self._qkv(causal_conv(xx, self.conv_w.float().t(), T), PLAIN)
         state = cache.state[None] if cache is not None else None
         o, S = chunk_gated_delta(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                  g.transpose(1, 2), beta.transpose(1, 2), state)
         if cache is not None:
             cache.conv = xx[0, -(self.K - 1):].detach().clone()
             cache.state = S[0].detach()
-        return self._out(o.transpose(1, 2), z, x.dtype, plain_linear)
+        return self._out(o.transpose(1, 2), z, x.dtype, PLAIN)
 
     def step(self, x, cache):
         """Exact path. x [T, H]: token-by-token recurrence; records the state after every
         position in the cache (cache.keep(m) restores the state after position m-1)."""
         T = x.shape[0]
-        mixed, z, beta, g = self._inputs(x, exact_linear)
+        mixed, z, beta, g = self._inputs(x, EXACT)
         xx = torch.cat([cache.conv.to(mixed.dtype), mixed], dim=0)
-        q, k, v = self._qkv(causal_conv(xx, self.conv_w.float().t(), T))
-        decay = g.exp()
+        q, k, v = self._qkv(causal_conv(xx, self.conv_w.float().t(), T), EXACT)
+        decay = exact_ew(torch.exp, g)
         S = cache.state  # [nv, dk, dv] fp32
         states, outs = [], []
         for t in range(T):
@@ -316,7 +363,7 @@ class GatedDeltaNet(nn.Module):
             outs.append(torch.bmm(q[t][:, None, :], S)[:, 0])  # [nv, dv]
             states.append(S)
         cache.record(mixed, states)
-        return self._out(torch.stack(outs), z, x.dtype, exact_linear)
+        return self._out(torch.stack(outs), z, x.dtype, EXACT)
 
 
 # ---- MLPs ------------------------------------------------------------------------------------
@@ -331,9 +378,9 @@ class MLP(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(2 * I, H))
         self.down = nn.Parameter(torch.empty(H, I))
 
-    def forward(self, x, lin=plain_linear):  # x [N, H] -> [N, H]
-        gu = lin(x, self.gate_up)
-        return lin(F.silu(gu[:, : self.I]) * gu[:, self.I:], self.down)
+    def forward(self, x, ops: Ops = PLAIN):  # x [N, H] -> [N, H]
+        gu = ops.lin(x, self.gate_up)
+        return ops.lin(ops.ew(F.silu, gu[:, : self.I]) * gu[:, self.I:], self.down)
 
 
 class MoE(nn.Module):
@@ -351,28 +398,28 @@ class MoE(nn.Module):
         self.shared = MLP(H, cfg.shared_expert_intermediate_size)
         self.shared_gate = nn.Parameter(torch.empty(1, H))
 
-    def route(self, x, lin):  # x [N, H] -> weights [N, k] (x.dtype), experts [N, k]
-        logits = lin(x, self.router)
+    def route(self, x, ops: Ops = PLAIN):  # x [N, H] -> weights [N, k] (x.dtype), experts [N, k]
+        logits = ops.lin(x, self.router)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         w, idx = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk:
             w = w / w.sum(-1, keepdim=True)
         return w.to(x.dtype), idx
 
-    def forward(self, x, lin=plain_linear):  # x [N, H] -> [N, H]
+    def forward(self, x, ops: Ops = PLAIN):  # x [N, H] -> [N, H]
         N, H = x.shape
-        w, idx = self.route(x, lin)
+        w, idx = self.route(x, ops)
         buf = x.new_zeros(N, self.top_k, H)
         for e in torch.unique(idx).tolist():
             tok, slot = torch.where(idx == e)
-            gu = lin(x[tok], self.gate_up[e])
-            y = lin(F.silu(gu[:, : self.I]) * gu[:, self.I:], self.down[e])
-            buf = buf.index_put((tok, slot), y * w[tok, slot, None])
+            gu = ops.lin(x[tok], self.gate_up[e])
+            y = ops.lin(ops.ew(F.silu, gu[:, : self.I]) * gu[:, self.I:], self.down[e])
+            buf.index_put_((tok, slot), y * w[tok, slot, None])
         out = buf[:, 0]
         for j in range(1, self.top_k):  # fixed rank order: a token's sum ignores its neighbours
             out = out + buf[:, j]
-        sh = self.shared(x, lin)
-        return out + torch.sigmoid(lin(x, self.shared_gate)) * sh
+        sh = self.shared(x, ops)
+        return out + ops.ew(torch.sigmoid, ops.lin(x, self.shared_gate)) * sh
 
 
 # ---- decoder layer and model -----------------------------------------------------------------
@@ -400,7 +447,7 @@ class DecoderLayer(nn.Module):
         h = rms_norm(x, self.input_norm, self.eps)
         h = self.mixer.step(h, rope, pos0, cache) if self.is_attn else self.mixer.step(h, cache)
         x = x + h
-        return x + self.mlp(rms_norm(x, self.post_norm, self.eps), exact_linear)
+        return x + self.mlp(rms_norm(x, self.post_norm, self.eps), EXACT)
 
 
 class Qwen35Model(nn.Module):
@@ -514,6 +561,6 @@ def check_row_invariance(model: Qwen35Model, max_rows: int = 8) -> list[str]:
 
 
 __all__ = [
-    "ROW_GROUP", "exact_linear", "rms_norm", "Rope", "Attention", "GatedDeltaNet", "MLP", "MoE",
+    "ROW_GROUP", "exact_linear", "exact_ew", "Ops", "PLAIN", "EXACT", "rms_norm", "Rope", "Attention", "GatedDeltaNet", "MLP", "MoE",
     "DecoderLayer", "Qwen35Model", "chunk_gated_delta", "causal_conv", "check_row_invariance",
 ]

@@ -1,0 +1,165 @@
+"""Batch invariance and rollback on the exact path (bit-identical, not approximately equal).
+
+- verify row i == the logits of a one-token decode at that position, dense and MoE (router with
+  exact and near ties), fp32 and bf16;
+- verify k, commit n (every n in 0..k): the following logits equal a fresh decode of the kept
+  tokens bit for bit;
+- greedy MTP at any depth emits the tokens of depth-0 decoding (oracle and random drafts);
+- context limits raise ValueError.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtplx.decoding.params import SamplingParams
+from test_torch_common import our_model, prompt
+
+torch.set_num_threads(1)
+GREEDY = SamplingParams()
+
+
+def decode_chain(m, p, toks):
+    """Prefill p, then decode toks one at a time (depth 0): logits [len(toks), V]."""
+    s = m.new_session()
+    s.prefill(p)
+    out = []
+    for i, t in enumerate(toks):
+        s.last = t
+        out.append(s.verify([])[0])
+        s.commit(0, 0)
+    return torch.stack(out), s
+
+
+CASES = [("dense", None), ("moe", None), ("moe", 0.0), ("moe", 1e-7), ("next", None)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind,ties", CASES, ids=[f"{k}-ties{t}" for k, t in CASES])
+def test_verify_rows_bit_identical_to_decode(kind, ties, dtype):
+    m = our_model(kind, dtype, router_near_ties=ties)
+    p = prompt(9, seed=5)
+    toks = prompt(6, seed=6)
+    ref, _ = decode_chain(m, p, toks)
+    for k in (1, 2, 3, 4, 5):  # verify k+1 rows: [last, d1..dk]
+        s = m.new_session()
+        s.prefill(p)
+        s.last = toks[0]
+        rows = s.verify(toks[1:k + 1])
+        assert rows.shape[0] == k + 1
+        for i in range(k + 1):
+            assert torch.equal(rows[i], ref[i]), f"{kind} {dtype} verify {k + 1} rows: row {i} differs"
+
+
+def test_moe_near_tie_router_picks_same_experts():
+    """With duplicated router rows the top-k contains exact ties; routing of a token is the same
+    whether it is alone or in a batch."""
+    m = our_model("moe", torch.float32, router_near_ties=0.0)
+    moe = m.layers[0].mlp
+    from mtplx.backends.torch.model import EXACT, exact_linear
+
+    x = torch.randn(6, m.cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    w_all, idx_all = moe.route(x, EXACT)
+    probs = torch.softmax(exact_linear(x, moe.router), -1, dtype=torch.float32)
+    assert (probs[:, 0::2] == probs[:, 1::2]).any()  # the ties are real
+    for i in range(6):
+        w1, idx1 = moe.route(x[i:i + 1], EXACT)
+        assert torch.equal(idx1[0], idx_all[i]) and torch.equal(w1[0], w_all[i])
+        assert torch.equal(moe(x[i:i + 1], EXACT)[0], moe(x, EXACT)[i])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_rollback_every_n(kind, dtype):
+    m = our_model(kind, dtype)
+    p = prompt(8, seed=11)
+    seq = prompt(9, seed=12)  # last, 4 drafts, then continuation
+    k = 4
+    for n in range(k + 1):
+        s = m.new_session()
+        s.prefill(p)
+        s.last = seq[0]
+        s.verify(seq[1:k + 1])
+        nxt = 300 + n  # a token the drafts did not contain
+        s.commit(n, nxt)
+        kept = seq[: n + 1] + [nxt] + seq[k + 1:k + 4]
+        ref, r = decode_chain(m, p, kept)
+        # continue both: decode the following tokens, compare bit for bit
+        got = []
+        for t in kept[n + 1:]:
+            s.last = t
+            got.append(s.verify([])[0])
+            s.commit(0, 0)
+        assert torch.equal(torch.stack(got), ref[n + 1:]), f"n={n}"
+        for ca, cb in zip(s.cache.layers, r.cache.layers):
+            if hasattr(ca, "state"):
+                assert torch.equal(ca.state, cb.state) and torch.equal(ca.conv, cb.conv)
+        assert s.cache.length == r.cache.length
+
+
+def generate(m, p, depth, n, drafts=None):
+    """Greedy loop; `drafts(pos_in_output)` may override the head's drafts (oracle drafting)."""
+    s = m.new_session()
+    rng = s.make_rng(0)
+    s.prefill(p)
+    out = [s.sample_first(GREEDY, rng)]
+    accepted = []
+    while len(out) < n:
+        d, q = s.draft(depth, GREEDY, rng)
+        if drafts is not None:
+            d = drafts(len(out), depth)
+        rows = s.verify(d)
+        a, nxt = s.accept(rows, d, q, GREEDY, rng)
+        s.commit(a, nxt)
+        accepted.append(a)
+        out += d[:a] + [nxt]
+    return out[:n], accepted
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_greedy_mtp_equals_depth0(kind, dtype):
+    m = our_model(kind, dtype)
+    p = prompt(7, seed=21)
+    base, _ = generate(m, p, 0, 20)
+    for depth in (1, 3):
+        assert generate(m, p, depth, 20)[0] == base
+    # oracle drafts (the right tokens, sometimes corrupted): exercises every acceptance length
+    def oracle(i, depth):
+        d = list(base[i:i + depth]) + [5] * max(0, depth - len(base[i:]))
+        if i % 3 == 0 and depth > 1:
+            d[depth // 2] = (d[depth // 2] + 1) % m.cfg.vocab_size
+        return d
+    out, acc = generate(m, p, 4, 20, drafts=oracle)
+    assert out == base
+    assert max(acc) >= 3 and min(acc) < 4
+
+
+def test_context_limit_errors():
+    m = our_model("dense")
+    s = m.new_session(max_context=12)
+    assert s.max_context == 12
+    with pytest.raises(ValueError, match="context"):
+        s.prefill(prompt(12))
+    s = m.new_session(max_context=12)
+    s.prefill(prompt(9))
+    rng = s.make_rng(0)
+    s.sample_first(GREEDY, rng)
+    with pytest.raises(ValueError, match="context"):
+        s.verify([1, 2, 3])  # positions 9..12 > 12
+    rows = s.verify([1, 2])
+    s.commit(0, int(rows[0].argmax()))
+    assert m.new_session().max_context == m.cfg.max_position_embeddings
+
+
+def test_sessions_are_independent():
+    m = our_model("dense")
+    a, b = m.new_session(), m.new_session()
+    a.prefill(prompt(5))
+    b.prefill(prompt(7, seed=3))
+    c = m.new_session()
+    c.prefill(prompt(5))
+    a.last = b.last = c.last = 9
+    la, _, lc = a.verify([])[0], b.verify([])[0], c.verify([])[0]
+    assert torch.equal(la, lc)
