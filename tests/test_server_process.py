@@ -37,13 +37,13 @@ def server(tmp_path_factory):
         from mtplx.server.model_adapter import write_test_checkpoint
 
         model_dir = write_test_checkpoint(tmp_path_factory.mktemp("ckpt"))
-        args = ["mtplx.cli.serve_cmd", "--model", str(model_dir), "--depth", str(DEPTH), "--parallel", "4",
-                "--max-tokens", str(MAX_CAP), "--max-queue", "32", "--log-level", "warning"]
+        args = ["mtplx", "serve", "--model", str(model_dir), "--depth", str(DEPTH), "--parallel", "4",
+                "--max-tokens", str(MAX_CAP), "--max-queue", "32", "--log-level", "warning", "--threads", "1"]
     else:  # until the engine lands: the same server around the deterministic fake model
         args = ["mtplx.server.fake", "--depth", str(DEPTH), "--parallel", "4", "--step-delay", "0.002",
                 "--max-queue", "32"]
-    with ServerProcess(args, startup_timeout=120) as srv:
-        srv.real = args[0] == "mtplx.cli.serve_cmd"
+    with ServerProcess(args, startup_timeout=120, env={"OMP_NUM_THREADS": "1"}) as srv:
+        srv.real = args[0] == "mtplx"
         srv.model_id = httpx.get(srv.base_url + "/v1/models").json()["data"][0]["id"]
         yield srv
 
@@ -72,6 +72,8 @@ def test_openai_sdk_chat(oai, server):
     timings = r.model_extra["timings"]
     assert timings["mtp_depth"] == DEPTH and timings["predicted_n"] == r.usage.completion_tokens
     assert len(timings["draft_n_by_depth"]) == DEPTH and timings["draft_n_accepted"] <= timings["draft_n"]
+    if server.real:  # the tiny MoE checkpoint with its MTP head really drafted
+        assert server.model_id == "tiny-moe" and timings["draft_n"] > 0 and timings["verify_passes"] > 0
 
     chunks = list(oai.chat.completions.create(model=server.model_id, messages=USER, max_tokens=6, temperature=0,
                                               stream=True, stream_options={"include_usage": True}))

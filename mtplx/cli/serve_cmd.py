@@ -37,7 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="generations interleaved per decoding cycle (each has its own cache)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="cap on generated tokens when a request gives no max_tokens (default: the context)")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="cap the context (prompt + completion) per request (default: the model's)")
     p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body accepted")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the torch backend (default: torch's)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -64,8 +67,16 @@ def run(args) -> int:
         print(f"error: the server needs its extras: pip install 'mtplx[serve]' ({e})", file=sys.stderr)
         return 1
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        try:
+            import torch
+
+            torch.set_num_threads(max(1, args.threads))
+        except ImportError:
+            pass
     try:
-        adapter, depth = load_adapter(args.model, backend=args.backend, dtype=args.dtype, depth=args.depth)
+        adapter, depth = load_adapter(args.model, backend=args.backend, dtype=args.dtype, depth=args.depth,
+                                      max_context=args.max_context, model_id=args.served_model_name)
     except Exception as e:  # a clear message, no trace, for a model that cannot be loaded
         print(f"error: cannot load model {args.model or '(default)'}: {e}", file=sys.stderr)
         return 1

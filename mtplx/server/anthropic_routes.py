@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 
 from mtplx.server.common import (
     APIError, DoneEvent, SSEResponse, StepEvent, collect, job_events, make_params, new_id,
-    resolve_max_tokens, run_blocking, sse_event, submit, timings,
+    resolve_max_tokens, tokenize, sse_event, submit, timings,
 )
 from mtplx.server.errors import error_body
 from mtplx.server.schemas import AMessage, ATextBlock, CountTokensRequest, MessagesRequest
@@ -49,14 +49,14 @@ def _stop_reason(finish: str, stop_sequence: str | None) -> str:
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(body: CountTokensRequest, request: Request):
     st = request.app.state.mtplx
-    ids = await run_blocking(st.engine.model.chat_ids, _to_template(body.system, body.messages, body.tools))
+    ids = await tokenize(st.engine.model.chat_ids, _to_template(body.system, body.messages, body.tools))
     return {"input_tokens": len(ids)}
 
 
 @router.post("/v1/messages")
 async def messages(body: MessagesRequest, request: Request):
     st = request.app.state.mtplx
-    prompt_ids = await run_blocking(st.engine.model.chat_ids, _to_template(body.system, body.messages, body.tools))
+    prompt_ids = await tokenize(st.engine.model.chat_ids, _to_template(body.system, body.messages, body.tools))
     max_tokens = resolve_max_tokens(body.max_tokens, len(prompt_ids), st.engine.model.max_context, None)
     params = make_params(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=None,
                          seed=None, max_tokens=max_tokens, stop=body.stop_sequences or [])

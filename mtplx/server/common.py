@@ -67,6 +67,14 @@ async def run_blocking(fn: Callable, *args):
     return await to_thread.run_sync(fn, *args)
 
 
+async def tokenize(fn: Callable, *args) -> list[int]:
+    """Build a prompt off the event loop; a prompt that cannot be built is the client's 400."""
+    try:
+        return await to_thread.run_sync(fn, *args)
+    except ValueError as e:  # includes model_adapter.PromptError
+        raise APIError(400, f"cannot build the prompt: {e}") from None
+
+
 def submit(engine, prompt_ids: list[int], params: SamplingParams) -> Job:
     try:
         return engine.submit(prompt_ids, params)

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 
 from mtplx.server.common import (
     APIError, DoneEvent, SSEResponse, StepEvent, collect, job_events, make_params, new_id, now,
-    resolve_max_tokens, run_blocking, sse_data, submit, timings,
+    resolve_max_tokens, tokenize, sse_data, submit, timings,
 )
 from mtplx.server.errors import error_body
 from mtplx.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, TextPart
@@ -113,7 +113,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     st = _state(request)
     _unsupported(body, chat=True)
     messages = _to_template(body.messages)
-    prompt_ids = await run_blocking(st.engine.model.chat_ids, messages)
+    prompt_ids = await tokenize(st.engine.model.chat_ids, messages)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = resolve_max_tokens(requested, len(prompt_ids), st.engine.model.max_context, st.max_tokens_cap,
                                     "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
@@ -178,7 +178,7 @@ async def completions(body: CompletionRequest, request: Request):
         prompt_ids = list(body.prompt)
     else:
         text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-        prompt_ids = await run_blocking(model.encode, text)
+        prompt_ids = await tokenize(model.encode, text)
     if not prompt_ids:
         raise APIError(400, "the prompt is empty", param="prompt")
     max_tokens = resolve_max_tokens(body.max_tokens, len(prompt_ids), model.max_context, st.max_tokens_cap)

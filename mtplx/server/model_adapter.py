@@ -1,0 +1,86 @@
+"""The real model behind the server: `mtplx.load` + `mtplx.stream_generate`, seen as a ModelAdapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+from mtplx.decoding.params import SamplingParams
+from mtplx.server.engine import GenStats, GenStep
+
+
+class PromptError(ValueError):
+    """The request's prompt cannot be built (no chat template, bad token ids...): a 400."""
+
+
+def _stats(s) -> GenStats:  # mtplx.decoding.stats.GenerationStats -> GenStats
+    return GenStats(prompt_tokens=s.prompt_tokens, generated_tokens=s.generation_tokens,
+                    prompt_s=s.prompt_time_s, decode_s=s.generation_time_s, depth=s.depth,
+                    cycles=s.verify_passes, drafted_by_depth=list(s.drafted), accepted_by_depth=list(s.accepted))
+
+
+class MtplxModelAdapter:
+    def __init__(self, model, max_context: int | None = None, model_id: str | None = None):
+        if model.tokenizer is None:
+            raise ValueError(f"{model.path} has no tokenizer.json: the server needs a tokenizer to read text")
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.model_id = model_id or (Path(model.path).name if model.path else "mtplx-model")
+        self.max_context = min(model.max_context, max_context) if max_context else model.max_context
+        self._cap_context = max_context is not None and max_context < model.max_context
+        self.vocab_size = int(model.config.vocab_size)
+
+    def chat_ids(self, messages: list[dict], tools: list | None = None) -> list[int]:
+        try:
+            return self.model.encode_prompt(messages)
+        except Exception as e:  # TokenizerError (no template, template raised), ValueError
+            raise PromptError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return self.model.encode_prompt(text)
+        except Exception as e:
+            raise PromptError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, depth: int) -> Iterator[GenStep]:
+        from mtplx.api import stream_generate
+
+        session = self.model.new_session(max_context=self.max_context) if self._cap_context else None
+        for r in stream_generate(self.model, list(prompt_ids), params, depth, session=session):
+            yield GenStep(text=r.text, token_ids=[r.token], finish_reason=r.finish_reason,
+                          stop_sequence=r.stop if isinstance(r.stop, str) else None, stats=_stats(r.stats))
+
+
+def load_adapter(path: str | None, backend: str | None = None, dtype: str | None = None, depth: int | None = None,
+                 max_context: int | None = None, model_id: str | None = None) -> tuple[MtplxModelAdapter, int]:
+    """Load a checkpoint (None: the embedded default) -> (adapter, MTP depth to serve with)."""
+    import mtplx.api as api
+
+    model = api.load(path, backend=backend, dtype=dtype)
+    if depth is None:
+        depth = 3 if model.has_mtp else 0
+    if depth < 0:
+        raise ValueError(f"--depth must be >= 0, got {depth}")
+    if depth > 0 and not model.has_mtp:
+        raise ValueError(f"--depth {depth} needs an MTP head and {model.path} has none: use --depth 0, "
+                         f"or graft a head (mtplx graft)")
+    return MtplxModelAdapter(model, max_context=max_context, model_id=model_id), depth
+
+
+def real_engine_available() -> bool:
+    try:
+        import torch  # noqa: F401
+
+        import mtplx.api as api
+
+        return hasattr(api, "load") and hasattr(api, "stream_generate")
+    except ImportError:
+        return False
+
+
+def write_test_checkpoint(out_dir, preset: str = "qwen3.5-35b-a3b") -> Path:
+    """A tiny random MoE checkpoint with an MTP head and a ChatML tokenizer (server tests)."""
+    from mtplx.checkpoint.synthetic import write_synthetic_checkpoint
+
+    ck = write_synthetic_checkpoint(Path(out_dir) / "tiny-moe", preset, tokenizer=True, seed=0)
+    return Path(ck.path)
