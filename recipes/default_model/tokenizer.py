@@ -1,0 +1,93 @@
+"""Step 2: train a byte-level BPE tokenizer on the training corpus (ChatML specials).
+
+    python recipes/default_model/tokenizer.py   # -> runs/default_model/tokenizer.json, tokenizer_config.json
+
+Special tokens get ids 0..2: <|endoftext|>, <|im_start|>, <|im_end|>. The tokenizer_config
+carries a ChatML chat template (the Qwen style, without tools).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def tokenizer_config() -> dict:
+    added = {
+        str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                 "single_word": False, "special": True}
+        for i, t in enumerate(common.SPECIAL_TOKENS)
+    }
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "added_tokens_decoder": added,
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "model_max_length": 4096,
+        "clean_up_tokenization_spaces": False,
+        "add_prefix_space": False,
+        "chat_template": CHAT_TEMPLATE,
+    }
+
+
+def _iter_docs(path: Path, chunk: int = 1 << 16):
+    text = path.read_text(encoding="utf-8")
+    for doc in text.split(common.EOS):
+        for i in range(0, len(doc), chunk):
+            yield doc[i:i + chunk]
+
+
+def train(work: Path, vocab_size: int = common.VOCAB_SIZE) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=list(common.SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_iter_docs(work / "train.txt"), trainer=trainer)
+    return tok
+
+
+def save(tok: Tokenizer, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=common.WORK_DIR)
+    ap.add_argument("--vocab-size", type=int, default=common.VOCAB_SIZE)
+    args = ap.parse_args()
+    tok = train(args.work, args.vocab_size)
+    save(tok, args.work)
+    for i, t in enumerate(common.SPECIAL_TOKENS):
+        assert tok.token_to_id(t) == i, (t, tok.token_to_id(t))
+    held = (args.work / "heldout.txt").read_text(encoding="utf-8")[:200_000]
+    n = len(tok.encode(held).ids)
+    print(json.dumps({"vocab_size": tok.get_vocab_size(), "heldout_chars_per_token": round(200_000 / n, 3)}))
+
+
+if __name__ == "__main__":
+    main()
