@@ -157,14 +157,17 @@ def test_eight_concurrent_streams_equal_alone(server):
 
 _KILLED_CLIENT = r"""
 import socket, sys, json
-body = json.dumps({"messages": [{"role": "user", "content": "go"}], "max_tokens": %d, "stream": True,
+STREAM = %s
+body = json.dumps({"messages": [{"role": "user", "content": "go"}], "max_tokens": %d, "stream": STREAM,
                    "temperature": 0, "ignore_eos": True}).encode()
 s = socket.create_connection(("127.0.0.1", %d))
 s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
           b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 got = b""
-while got.count(b"data: ") < 3:
+while STREAM and got.count(b"data: ") < 3:
     got += s.recv(4096)
+if not STREAM:
+    import time; time.sleep(0.5)  # the generation is under way (the server answers only at the end)
 print("streaming", flush=True)
 import time; time.sleep(60)
 """
@@ -175,10 +178,11 @@ def _metric(text: str, name: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def test_client_killed_mid_stream(server):
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_killed_mid_stream(server, stream):
     cancelled = 'mtplx_generations_total{outcome="cancelled"}'
     before = _metric(httpx.get(server.base_url + "/metrics").text, cancelled)
-    child = subprocess.Popen([sys.executable, "-c", _KILLED_CLIENT % (400, server.port)], stdout=subprocess.PIPE,
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_CLIENT % (stream, 400, server.port)], stdout=subprocess.PIPE,
                              text=True)
     try:
         assert child.stdout.readline().strip() == "streaming"

@@ -310,3 +310,47 @@ def test_engine_interleaved_equals_alone():
         _run(go())
     finally:
         alone.shutdown(), inter.shutdown()
+
+
+def test_queue_full_is_429_in_both_shapes():
+    import threading
+
+    app = create_app(FakeModel(step_delay_s=0.02), parallel=1, max_queue=0)
+    with TestClient(app) as c:
+        busy = threading.Thread(target=lambda: c.post(CHAT, json={"messages": MSG, "max_tokens": 60,
+                                                                  "ignore_eos": True}))
+        busy.start()
+        try:
+            deadline = time.time() + 5
+            while c.get("/health").json()["active"] == 0 and time.time() < deadline:
+                time.sleep(0.01)
+            r = c.post(CHAT, json={"messages": MSG, "max_tokens": 2})
+            err = assert_openai_error(r, 429)
+            assert err["type"] == "rate_limit_error" and r.headers["retry-after"] == "1"
+            r = c.post("/v1/messages", json={"model": "m", "messages": MSG, "max_tokens": 2})
+            assert assert_anthropic_error(r, 429)["type"] == "rate_limit_error"
+        finally:
+            busy.join(10)
+        assert c.post(CHAT, json={"messages": MSG, "max_tokens": 2}).status_code == 200
+
+
+def test_cancel_while_queued_frees_the_slot():
+    model = FakeModel(step_delay_s=0.02)
+    eng = Engine(model, parallel=1, max_queue=1)
+    eng.start()
+
+    async def go():
+        p = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+        a = eng.submit([1], p)
+        await asyncio.sleep(0.05)
+        b = eng.submit([2], p)
+        assert eng.queue_depth == 1
+        b.cancel()
+        assert eng.queue_depth == 0 and (await _drain(b))[1] == "cancelled"
+        c = eng.submit([3], p)  # the freed slot is usable at once
+        assert (await _drain(a))[1] == "length" and (await _drain(c))[1] == "length"
+
+    try:
+        _run(go())
+    finally:
+        eng.shutdown()

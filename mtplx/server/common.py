@@ -98,6 +98,7 @@ async def job_events(job: Job, request: Request | None = None) -> AsyncIterator[
     """Yield StepEvent... then one DoneEvent; raises APIError on ErrorEvent. Cancels the job on exit
     (client gone, task cancelled) unless it finished; polls for disconnect when `request` is given."""
     done = False
+    last_check = time.monotonic()
     try:
         while True:
             if request is None:
@@ -106,8 +107,12 @@ async def job_events(job: Job, request: Request | None = None) -> AsyncIterator[
                 try:
                     ev = await asyncio.wait_for(job.events.get(), timeout=DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
+                    ev = None
+                if time.monotonic() - last_check >= DISCONNECT_POLL_S:
+                    last_check = time.monotonic()
                     if await request.is_disconnected():
                         return
+                if ev is None:
                     continue
             if isinstance(ev, ErrorEvent):
                 done = True

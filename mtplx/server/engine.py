@@ -102,7 +102,8 @@ class Job:
     _ids = 0
     _ids_lock = threading.Lock()
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop):
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop,
+                 on_cancel: Callable[["Job"], None] | None = None):
         with Job._ids_lock:
             Job._ids += 1
             self.id = Job._ids
@@ -115,9 +116,15 @@ class Job:
         self.stats = GenStats(prompt_tokens=len(prompt_ids))
         self.enqueued_at = time.perf_counter()
         self.finished = False
+        self._on_cancel = on_cancel
 
     def cancel(self) -> None:
+        """Stop this generation (client gone): dropped from the queue now, or closed at its next turn."""
+        if self.cancelled.is_set() or self.finished:
+            return
         self.cancelled.set()
+        if self._on_cancel is not None:
+            self._on_cancel(self)
 
     def _push(self, ev: Any) -> None:
         try:
@@ -171,7 +178,7 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Job:
         """Queue a generation; raises QueueFull when the waiting queue is at its bound."""
-        job = Job(prompt_ids, params, asyncio.get_running_loop())
+        job = Job(prompt_ids, params, asyncio.get_running_loop(), on_cancel=self._drop_waiting)
         with self._cond:
             if self._closed:
                 raise EngineClosed("the server is shutting down")
@@ -182,6 +189,14 @@ class Engine:
             self._waiting.append(job)
             self._cond.notify_all()
         return job
+
+    def _drop_waiting(self, job: Job) -> None:
+        with self._cond:
+            try:
+                self._waiting.remove(job)
+            except ValueError:
+                return  # already running (the worker closes it) or gone
+        self._finish(job, DoneEvent("cancelled", None, job.stats), "cancelled")
 
     # --- worker thread ------------------------------------------------------------------
     def _run(self) -> None:
