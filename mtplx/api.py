@@ -13,7 +13,6 @@ A prompt is a string (tokenized as is), a list of token ids, or a list of chat m
 
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,17 +31,10 @@ def default_model_path() -> Path | None:
 
 
 def default_backend() -> str:
-    if platform.system() == "Darwin" and platform.machine() == "arm64":
-        try:
-            import mlx.core  # noqa: F401
+    """mlx on Apple Silicon when mlx + mlx-lm are installed, torch otherwise (mtplx.backends)."""
+    from mtplx.backends import default_backend as _default
 
-            from mtplx.backends import mlx as _m  # noqa: F401
-
-            if hasattr(_m, "load"):
-                return "mlx"
-        except Exception:  # noqa: BLE001 - mlx missing or the mlx backend not built: torch
-            pass
-    return "torch"
+    return _default()
 
 
 @dataclass
@@ -77,6 +69,10 @@ class Model:
             from mtplx.backends.torch.session import TorchSession
 
             return TorchSession(self.model, max_context=max_context)
+        if self.backend == "mlx":
+            from mtplx.backends.mlx.session import MlxSession
+
+            return MlxSession(self.model, max_context=max_context)
         raise ValueError(f"backend {self.backend!r} has no session implementation yet; use --backend torch")
 
     def encode_prompt(self, prompt: str | list, chat_kwargs: dict | None = None) -> list[int]:
@@ -118,8 +114,9 @@ def load(path: str | Path | None = None, backend: str | None = None, dtype: str 
     if not path.is_dir():
         raise NotADirectoryError(f"{path} is not a folder: give the checkpoint folder holding config.json")
     backend = backend or default_backend()
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    from mtplx.backends import require_backend
+
+    require_backend(backend)  # ValueError for an unknown name, BackendUnavailable (what to install)
     from mtplx.checkpoint.config import load_config
 
     cfg = load_config(path)
@@ -137,7 +134,10 @@ def load(path: str | Path | None = None, backend: str | None = None, dtype: str 
         dtype = dtype or ("bfloat16" if device != "cpu" else "float32")
         m = load_torch_model(path, dtype=dtype, device=device, config=cfg)
         return Model("torch", m, cfg, tokenizer, path, str(m.dtype).replace("torch.", ""), str(device))
-    raise ValueError("the mlx backend is not available in this build; use --backend torch")
+    from mtplx.backends.mlx import default_dtype, device_name, load_mlx_model
+
+    m = load_mlx_model(path, dtype=dtype or default_dtype(), config=cfg)
+    return Model("mlx", m, cfg, tokenizer, path, str(m.dtype).replace("mlx.core.", ""), device_name())
 
 
 @dataclass
