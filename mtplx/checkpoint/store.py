@@ -209,6 +209,7 @@ class TensorStore(Mapping):
         self.head: HeadSource | None = None
         self.head_only = False
         self.index_weight_map: dict[str, str] | None = None
+        self.unlisted: list[str] = []  # shard tensors the index does not list (ignored, as HF loaders do)
 
     # ---- Mapping ----------------------------------------------------------------------
     def __getitem__(self, name: str) -> np.ndarray:
@@ -258,11 +259,15 @@ class TensorStore(Mapping):
             raise CheckpointError(f"{info.file}: cannot map tensor {info.file_key!r}: {e}") from None
 
     # ---- building ---------------------------------------------------------------------
-    def _add_file(self, path: Path, prefix: str = "", only_missing_prefix: bool = False) -> list[str]:
+    def _add_file(self, path: Path, prefix: str = "", only_missing_prefix: bool = False,
+                  only: set[str] | None = None) -> list[str]:
         header = read_safetensors_header(path)
         self.headers[path] = header
         added = []
         for key, (dtype, shape, start, nbytes) in header.tensors.items():
+            if only is not None and key not in only:
+                self.unlisted.append(key)
+                continue
             name = key
             if prefix and not (only_missing_prefix and key.startswith(prefix)):
                 name = prefix + key
@@ -302,8 +307,15 @@ def open_store(path: str | Path) -> TensorStore:
     files = _folder_weight_files(root, exclude=SIDECAR_FILES)
     if not files:
         raise CheckpointError(f"{root}: no *.safetensors weights (and no {INDEX_NAME}) in this folder")
+    # the index is authoritative: a shard's tensors it does not list are not part of this checkpoint
+    # (as for HF loaders; a graft links the base's shards and leaves the base's own mtp.* out)
+    listed: dict[Path, set[str]] | None = None
+    if index.is_file():
+        listed = {}
+        for k, shard in _read_json(index, "the shard index")["weight_map"].items():
+            listed.setdefault(root / str(shard), set()).add(str(k))
     for f in files:
-        store._add_file(f)
+        store._add_file(f, only=None if listed is None else listed.get(f, set()))
     if index.is_file():
         wm = _read_json(index, "the shard index")["weight_map"]
         store.index_weight_map = {str(k): str(v) for k, v in wm.items()}

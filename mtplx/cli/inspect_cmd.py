@@ -21,15 +21,42 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL", help="checkpoint folder (or an MLX MTP sidecar folder)")
     p.add_argument("--json", action="store_true", help="print the complete report as JSON")
+    p.add_argument("--probe", action="store_true",
+                   help="also load the model (torch) and measure the head's teacher-forced acceptance by depth "
+                        "on a few hundred tokens: catches a mismatched or mis-normalised head")
+    p.add_argument("--probe-tokens", type=int, default=256, metavar="N", help="tokens of text for --probe (256)")
+    p.add_argument("--probe-depth", type=int, default=3, metavar="D", help="draft depth for --probe (3)")
+    p.add_argument("--probe-text", metavar="FILE", help="text for --probe (default: held-out stdlib source)")
+    p.add_argument("--probe-greedy", type=int, default=0, metavar="N",
+                   help="append the model's own greedy continuation of N tokens (measures every depth exactly)")
     return p
+
+
+def _probe(args, rep):
+    """The probe's result (mtplx.backends.torch.probe), or None when the report has no runnable head."""
+    if not getattr(args, "probe", False) or rep.verdict != "runnable-with-mtp":
+        return None
+    from pathlib import Path
+
+    from mtplx.backends.torch.probe import probe_checkpoint
+
+    text = Path(args.probe_text).read_text() if args.probe_text else None
+    return probe_checkpoint(args.model, depth=args.probe_depth, n_tokens=args.probe_tokens, text=text,
+                            text_source=args.probe_text, greedy=args.probe_greedy)
 
 
 def run(args) -> int:
     from mtplx.checkpoint.inspect import VERDICT_UNREADABLE, VERDICT_UNSUPPORTED, inspect_checkpoint, render_text
 
     rep = inspect_checkpoint(args.model)
+    probe = _probe(args, rep)
     if args.json:
-        print(rep.to_json())
+        if probe is None:
+            print(rep.to_json())
+        else:
+            import json
+
+            print(json.dumps({**rep.to_dict(), "probe": probe.to_dict()}, indent=2))
         return rep.exit_code
     if rep.verdict in (VERDICT_UNREADABLE, VERDICT_UNSUPPORTED):
         print(f"error: {rep.reason.splitlines()[0] if rep.reason else rep.verdict}", file=sys.stderr)
@@ -48,4 +75,6 @@ def run(args) -> int:
         console.print(Text(lines[-1], style=style))
     except ImportError:
         print(text)
+    if probe is not None:
+        print(probe.render())
     return rep.exit_code

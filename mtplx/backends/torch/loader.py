@@ -138,13 +138,33 @@ def _slot(model: Qwen35Model, name: str):
     raise KeyError(name)
 
 
+def _in_dim(name: str, cfg: ModelConfig) -> int | None:
+    """The unquantized in-dim of canonical module `name` (from the config), or None."""
+    from mtplx.checkpoint.layout import canonical_shapes
+
+    shapes = getattr(cfg, "_mtplx_canon_shapes", None)
+    if shapes is None:
+        shapes = canonical_shapes(cfg, 1)
+        object.__setattr__(cfg, "_mtplx_canon_shapes", shapes)
+    key = re.sub(r"^mtp\.layers\.\d+\.", "mtp.layers.0.", name)
+    shp = shapes.get(key) or shapes.get(key + ".weight")
+    return shp[-1] if shp else None
+
+
 def _dequantize(name: str, parts: dict, cfg: ModelConfig) -> np.ndarray:
     try:
         from mtplx.checkpoint import quant
     except ImportError as e:  # pragma: no cover
         raise CheckpointError(f"{name} is MLX-quantized and mtplx.checkpoint.quant is unavailable: {e}") from None
-    gs = cfg.quantization.group_size if cfg.quantization else 64
-    bits = quant.infer_bits(parts["weight"].shape, parts["scales"].shape, gs)
+    # bits and group size from the packed width, the group count and the module's in-dim: right for
+    # per-module overrides too (the config default group size alone would misread a module quantized
+    # with another group size, e.g. an 8-bit g64 router in a g32 model)
+    W, G, K = parts["weight"].shape[-1], parts["scales"].shape[-1], _in_dim(name, cfg)
+    if K and G and K % G == 0 and (W * 32) % K == 0 and W * 32 // K in quant.SUPPORTED_BITS:
+        gs, bits = K // G, W * 32 // K
+    else:
+        gs = cfg.quantization.group_size if cfg.quantization else 64
+        bits = quant.infer_bits(parts["weight"].shape, parts["scales"].shape, gs)
     if bits is None:
         raise CheckpointError(f"{name}: cannot infer quantization bits from weight {parts['weight'].shape} "
                               f"and scales {parts['scales'].shape} with group size {gs}")
