@@ -30,6 +30,9 @@ def _load():
 
 
 schema = _load()
+# bounded: hypothesis fuzzing (positive and negative data) only; the coverage phase's exhaustive
+# boundary cases are not bounded by max_examples
+schema.config.phases.coverage.enabled = False
 
 
 def api_shaped_errors(ctx, response, case):
@@ -43,10 +46,11 @@ def api_shaped_errors(ctx, response, case):
 
 
 @schema.parametrize()
-@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_fuzz_openapi(case, server_url):
     if case.path == "/metrics":
         pytest.skip("text exposition, not JSON")
     case.call_and_validate(base_url=server_url, timeout=30,
                            checks=[not_a_server_error, status_code_conformance, content_type_conformance,
                                    negative_data_rejection, api_shaped_errors])
+

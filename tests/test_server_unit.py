@@ -354,3 +354,26 @@ def test_cancel_while_queued_frees_the_slot():
         _run(go())
     finally:
         eng.shutdown()
+
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=12), kids, max_size=4),
+    max_leaves=12)
+_fields = st.sampled_from(["model", "messages", "max_tokens", "temperature", "top_p", "top_k", "stop", "stream",
+                           "prompt", "system", "n", "seed", "stop_sequences", "role", "content", "stream_options"])
+_bodies = _json | st.dictionaries(_fields, _json, max_size=6) | st.fixed_dictionaries(
+    {"model": st.just("m"), "max_tokens": st.integers(-3, 5) | _json,
+     "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "x"]),
+                                                 "content": _json}), max_size=3)})
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(body=_bodies, path=st.sampled_from([CHAT, "/v1/completions", "/v1/messages", "/v1/messages/count_tokens"]))
+def test_arbitrary_json_never_500(client, body, path):
+    r = client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+    assert r.status_code < 500, r.text
+    if r.status_code >= 400:
+        (assert_anthropic_error if path.startswith("/v1/messages") else assert_openai_error)(r, r.status_code)
