@@ -65,6 +65,9 @@ def test_row_chunks_protect_against_row_count_dependent_kernels(monkeypatch):
         s.last = toks[0]
         rows = arr(s.verify(toks[1:]))
         assert np.array_equal(rows, ref) == expect_equal, f"row_bucket={bucket}"
+        from mtplx.backends.mlx.check import check_batch_invariance  # the on-device self-check sees it too
+
+        assert (check_batch_invariance(m, rows=4, prompt_len=5, gen=6) == []) == expect_equal
 
 
 @pytest.mark.parametrize("name", ["dense", "moe"])
