@@ -169,9 +169,9 @@ CONFIGS = [
     # V, D, params, greedy_draft
     (5, 1, SamplingParams(temperature=1.0), False),
     (17, 3, SamplingParams(temperature=0.7, top_k=8), False),
-    (40, 3, SamplingParams(temperature=1.3, top_p=0.9), False),
-    (33, 2, SamplingParams(temperature=1.0, min_p=0.05), True),
-    (17, 4, SamplingParams(temperature=0.6, top_k=6, top_p=0.8), False),
+    (24, 3, SamplingParams(temperature=1.3, top_p=0.9), False),
+    (20, 2, SamplingParams(temperature=1.0, min_p=0.05), True),
+    (12, 4, SamplingParams(temperature=0.6, top_k=6, top_p=0.8), False),
 ]
 
 
