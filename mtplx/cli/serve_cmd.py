@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                         "requires --api-key)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--depth", type=int, default=None,
-                   help="MTP draft depth (0 = plain decoding; default: the model's tuned/default depth)")
+                   help="MTP draft depth (0 = plain decoding; default: the depth `mtplx tune` remembered, "
+                        "else 3 with a head)")
     p.add_argument("--api-key", default=os.environ.get("MTPLX_API_KEY"),
                    help="require this key (Authorization: Bearer KEY or x-api-key: KEY); env MTPLX_API_KEY")
     p.add_argument("--backend", default=None, help="torch | mlx (default: the platform's)")

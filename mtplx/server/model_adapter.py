@@ -57,8 +57,15 @@ def load_adapter(path: str | None, backend: str | None = None, dtype: str | None
     import mtplx.api as api
 
     model = api.load(path, backend=backend, dtype=dtype)
-    if depth is None:
-        depth = 3 if model.has_mtp else 0
+    if depth is None:  # what `mtplx tune` remembered for this model and machine, else 3 with a head
+        try:
+            from mtplx.tuning import tuned_depth
+
+            depth = tuned_depth(model)
+        except Exception:  # no tuning module or unreadable cache: the default
+            depth = None
+        if depth is None or (depth > 0 and not model.has_mtp):
+            depth = 3 if model.has_mtp else 0
     if depth < 0:
         raise ValueError(f"--depth must be >= 0, got {depth}")
     if depth > 0 and not model.has_mtp:
