@@ -236,3 +236,19 @@ def test_metrics_exposition(server):
     for n in ("mtplx_requests", "mtplx_prompt_tokens", "mtplx_generation_tokens", "mtplx_queue_depth",
               "mtplx_acceptance_rate", "mtplx_generation_tokens_per_second", "mtplx_errors"):
         assert n in names, n
+
+
+def test_stop_sequences(oai, ant, server):
+    base = oai.chat.completions.create(model=server.model_id, messages=USER, max_tokens=12, temperature=0,
+                                      extra_body={"ignore_eos": True}).choices[0].message.content
+    stop = base[4:6]
+    if len(base) < 6 or not stop.strip():
+        pytest.skip(f"generated text too short for a stop-string check: {base!r}")
+    r = oai.chat.completions.create(model=server.model_id, messages=USER, max_tokens=12, temperature=0, stop=[stop],
+                                   extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == base[: base.index(stop)]
+    m = ant.messages.create(model=server.model_id, max_tokens=12, stop_sequences=[stop],
+                            messages=USER, extra_body={**GREEDY})
+    assert m.stop_reason in ("stop_sequence", "end_turn", "max_tokens")
+    if m.stop_reason == "stop_sequence":
+        assert m.stop_sequence == stop and stop not in m.content[0].text
