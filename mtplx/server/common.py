@@ -159,7 +159,7 @@ def timings(stats: GenStats) -> dict:
         "draft_n_accepted": stats.draft_n_accepted,
         "mtp_depth": stats.depth,
         "verify_passes": stats.cycles,
-        "tokens_per_verify": round(decoded / stats.cycles, 4) if stats.cycles else 0.0,
+        "tokens_per_verify": round(1.0 + stats.draft_n_accepted / stats.cycles, 4) if stats.cycles else 0.0,
         "draft_n_by_depth": drafted,
         "draft_n_accepted_by_depth": accepted,
         "acceptance_by_depth": [round(a / d, 4) if d else 0.0 for d, a in zip(drafted, accepted)],
