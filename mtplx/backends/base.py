@@ -15,6 +15,22 @@ A cycle of the loop, with `last` = the newest emitted token, not yet fed to the 
 Depth 0 (plain decoding) is the same cycle with no drafts: verify([]) feeds only `last`.
 After `prefill(prompt)` the session holds the logits of the last prompt position; the loop
 samples the first token from them with `session.sample_first(params, rng)`.
+
+What the loop (mtplx/decoding/loop.py) guarantees and expects:
+- One rng per request: `rng = session.make_rng(params.seed)`, passed to every call; a backend
+  draws its uniforms from it only (same seed, same calls -> same tokens).
+- Depth 0 never calls `draft`; the loop passes drafted=[] and q=None to verify/accept. Near the
+  end of max_tokens or of the context the loop asks for fewer drafts than its depth (it never
+  decides tokens it could not emit); `draft(d)` must return exactly d ids.
+- q is None when drafting is greedy (temperature 0, or params.greedy_draft): q is one-hot at
+  the drafted id. Otherwise q[i] is the draft row filtered exactly like the target rows
+  (temperature -> top_k -> top_p -> min_p; mtplx.decoding.filtering is the reference).
+- `accept` is exact (mtplx.decoding.acceptance is the numpy spec; torch: backends/torch/sampling).
+- When a stop condition (stop id / EOS, stop string, max_tokens, context end) falls inside a
+  cycle's tokens, the loop stops emitting there and does NOT call `commit`: the session is
+  finished and may be dropped.
+- Optional: `peak_memory_bytes() -> int` (e.g. torch.cuda.max_memory_allocated on a GPU); the
+  stats fall back to the process's peak RSS.
 """
 
 from __future__ import annotations
