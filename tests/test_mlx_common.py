@@ -45,7 +45,7 @@ def prompt(n: int, seed: int = 0, vocab: int = 512) -> list[int]:
 
 
 def arr(x) -> np.ndarray:
-    return np.array(x)
+    return np.array(x.astype(mx.float32)) if x.dtype == mx.bfloat16 else np.array(x)
 
 
 def decode_chain(m, p, toks):

@@ -15,6 +15,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+pytest.importorskip("mlx.core")  # the suite passes without mlx
+pytest.importorskip("mlx_lm")
+
 from test_mlx_common import GREEDY, arr, decode_chain, generate, mlx_model, mx, prompt
 
 MODELS = {

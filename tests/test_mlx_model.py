@@ -14,6 +14,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+pytest.importorskip("mlx.core")  # the suite passes without mlx
+pytest.importorskip("mlx_lm")
+
 from test_mlx_common import arr, checkpoint, mlx_model, mx, prompt
 
 torch = pytest.importorskip("torch")

@@ -7,6 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+pytest.importorskip("mlx.core")  # the suite passes without mlx
+pytest.importorskip("mlx_lm")
+
 from test_mlx_common import checkpoint, generate, mlx_model, mx, prompt
 
 from mtplx.backends.mlx import sampling as ms

@@ -57,7 +57,8 @@ def require_backend(name: str) -> str:
     if missing:
         others = [b for b in available_backends() if b != name]
         alt = f", or use --backend {others[0]}" if others else ""
-        raise BackendUnavailable(f"the {name} backend needs {', '.join(missing)}, which is not installed: "
+        verb = "is" if len(missing) == 1 else "are"
+        raise BackendUnavailable(f"the {name} backend needs {' and '.join(missing)}, which {verb} not installed: "
                                  f"{_INSTALL[name]}{alt}")
     return name
 

@@ -160,6 +160,13 @@ class MlxSession:
         self._verified = None
 
     # -- conveniences
+    def peak_memory_bytes(self) -> int:
+        """mlx's peak memory on Apple GPUs (0 on CPU: the loop falls back to the process RSS)."""
+        if not mx.metal.is_available():
+            return 0
+        fn = getattr(mx, "get_peak_memory", None) or getattr(mx.metal, "get_peak_memory", None)
+        return int(fn()) if fn else 0
+
     def decode_step(self) -> mx.array:
         """Feed `last` alone (depth 0) and return its logits [V] without committing."""
         return self.verify([])[0]
