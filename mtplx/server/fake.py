@@ -117,9 +117,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-queue", type=int, default=16)
     p.add_argument("--parallel", type=int, default=1)
     p.add_argument("--max-body", type=int, default=1 << 20)
+    p.add_argument("--api-key", default=None)
     a = p.parse_args(argv)
     app = create_app(FakeModel(max_context=a.max_context, step_delay_s=a.step_delay, fail_on="FAILNOW"),
-                     depth=a.depth, max_queue=a.max_queue, parallel=a.parallel, max_body=a.max_body)
+                     depth=a.depth, max_queue=a.max_queue, parallel=a.parallel, max_body=a.max_body,
+                     api_key=a.api_key)
     uvicorn.run(app, host="127.0.0.1", port=a.port, log_level="warning", server_header=False)
     return 0
 
