@@ -377,3 +377,11 @@ def test_arbitrary_json_never_500(client, body, path):
     assert r.status_code < 500, r.text
     if r.status_code >= 400:
         (assert_anthropic_error if path.startswith("/v1/messages") else assert_openai_error)(r, r.status_code)
+
+
+def test_chat_template_kwargs_reach_the_template(client):
+    base = {"messages": MSG, "max_tokens": 2, "temperature": 0}
+    a = client.post(CHAT, json=base).json()["usage"]["prompt_tokens"]
+    b = client.post(CHAT, json={**base, "chat_template_kwargs": {"enable_thinking": False}}).json()
+    assert b["usage"]["prompt_tokens"] > a
+    assert_openai_error(client.post(CHAT, json={**base, "chat_template_kwargs": {"x": [1]}}), 400)

@@ -62,8 +62,9 @@ class ModelAdapter(Protocol):
     model_id: str
     max_context: int
 
-    def chat_ids(self, messages: list[dict], tools: list | None = None) -> list[int]:
-        """Render messages with the chat template (assistant turn opened) and tokenize."""
+    def chat_ids(self, messages: list[dict], tools: list | None = None, chat_kwargs: dict | None = None) -> list[int]:
+        """Render messages with the chat template (assistant turn opened, `chat_kwargs` as extra
+        template variables) and tokenize."""
 
     def encode(self, text: str) -> list[int]:
         """Tokenize raw text (completions)."""

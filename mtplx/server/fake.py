@@ -32,8 +32,10 @@ class FakeModel:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def chat_ids(self, messages: list[dict], tools=None) -> list[int]:
+    def chat_ids(self, messages: list[dict], tools=None, chat_kwargs: dict | None = None) -> list[int]:
         text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>"
+        if chat_kwargs:
+            text += "".join(f"<{k}={v}>" for k, v in sorted(chat_kwargs.items()))
         return self.encode(text)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, depth: int) -> Iterator[GenStep]:

@@ -30,9 +30,9 @@ class MtplxModelAdapter:
         self._cap_context = max_context is not None and max_context < model.max_context
         self.vocab_size = int(model.config.vocab_size)
 
-    def chat_ids(self, messages: list[dict], tools: list | None = None) -> list[int]:
+    def chat_ids(self, messages: list[dict], tools: list | None = None, chat_kwargs: dict | None = None) -> list[int]:
         try:
-            return self.model.encode_prompt(messages)
+            return self.model.encode_prompt(messages, chat_kwargs)
         except Exception as e:  # TokenizerError (no template, template raised), ValueError
             raise PromptError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 

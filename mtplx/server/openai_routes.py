@@ -113,7 +113,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     st = _state(request)
     _unsupported(body, chat=True)
     messages = _to_template(body.messages)
-    prompt_ids = await tokenize(st.engine.model.chat_ids, messages)
+    prompt_ids = await tokenize(st.engine.model.chat_ids, messages, None, body.chat_template_kwargs)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = resolve_max_tokens(requested, len(prompt_ids), st.engine.model.max_context, st.max_tokens_cap,
                                     "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")

@@ -91,6 +91,8 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    # vLLM extension: extra variables for the chat template, e.g. {"enable_thinking": false}
+    chat_template_kwargs: Annotated[dict[str, Union[bool, int, float, str, None]], Field(max_length=16)] | None = None
 
 
 class CompletionRequest(_SamplingFields):
