@@ -272,3 +272,34 @@ def test_torch_accept_seeded_repeats_and_uses_generator():
     assert len(set(seq1)) > 1  # the generator advances
     with pytest.raises(ValueError, match="target rows"):
         ts.accept(logits[:2], drafted, q, params, gen)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.7),
+        SamplingParams(temperature=1.0, top_k=5),
+        SamplingParams(temperature=1.3, top_p=0.8),
+        SamplingParams(temperature=0.9, min_p=0.1),
+        SamplingParams(temperature=0.5, top_k=20, top_p=0.9, min_p=0.02),
+        SamplingParams(temperature=2.0, top_k=1),
+        SamplingParams(temperature=1.0, top_p=1e-6),
+    ],
+    ids=lambda p: f"T{p.temperature}-k{p.top_k}-p{p.top_p}-m{p.min_p}",
+)
+def test_torch_filter_matches_numpy(params):
+    g = np.random.default_rng(1)
+    logits = g.normal(0, 3, (64, 50))
+    logits[:8, :6] = 4.0  # exact ties at the top: top-k / top-p keep every tied token
+    want = filter_probs(logits, params)
+    got = ts.filter_probs(torch.from_numpy(logits), params).numpy()
+    assert np.array_equal(want > 0, got > 0)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(want.sum(-1), 1.0, rtol=1e-12)
+    got32 = ts.filter_probs(torch.from_numpy(logits).float(), params)  # model logits path
+    assert got32.dtype == torch.float32 and np.array_equal(want > 0, got32.numpy() > 0)
+    if params.top_k and params.top_p == 1.0 and params.min_p == 0.0 and not params.greedy:
+        assert ((want > 0).sum(-1) >= min(params.top_k, 50)).all()
+    # greedy drafting rows: argmax and filtered argmax agree
+    assert np.array_equal(np.argmax(want, -1), np.argmax(logits, -1))

@@ -280,3 +280,19 @@ def test_cli_generate(ckpts, capsys):
     assert obj["stats"]["depth"] == 2 and len(obj["stats"]["acceptance"]) == 2
     code = main(["generate", "--model", str(ckpts["dense"]), "--prompt", "", "--max-tokens", "5"])
     assert code == 1 and "empty prompt" in capsys.readouterr().err
+
+
+def test_cli_default_model_missing_and_stdin(ckpts, capsys, monkeypatch, tmp_path):
+    import io
+
+    from mtplx.cli.main import main
+
+    monkeypatch.setattr(mtplx.api, "DEFAULT_MODEL_DIR", tmp_path / "default_model")
+    assert main(["generate", "--prompt", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert "default model is not installed" in err and "--model" in err
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello from stdin"))
+    code = main(["generate", "--model", str(ckpts["dense"]), "--prompt", "-", "--depth", "0", "--max-tokens", "3",
+                 "--json"])
+    obj = json.loads(capsys.readouterr().out)
+    assert code == 0 and obj["prompt_token_ids"] == model(ckpts, "dense", "float32").tokenizer.encode("Hello from stdin")

@@ -20,14 +20,24 @@ def peak_rss_bytes() -> int:
 
 
 def peak_memory_bytes(session=None) -> int:
-    """Accelerator peak memory when the session reports one (CUDA), else the process RSS peak."""
+    """Accelerator peak memory when known (the session's own `peak_memory_bytes()`, else CUDA's
+    max_memory_allocated when torch has initialised CUDA), else the process RSS peak."""
     fn = getattr(session, "peak_memory_bytes", None)
     if callable(fn):
         try:
             v = fn()
             if v:
                 return int(v)
-        except Exception:  # a backend that cannot tell: fall back to RSS
+        except Exception:  # a backend that cannot tell: fall back
+            pass
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        try:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                v = torch.cuda.max_memory_allocated()
+                if v:
+                    return int(v)
+        except Exception:  # noqa: BLE001
             pass
     return peak_rss_bytes()
 
