@@ -41,11 +41,26 @@ def checkpoint(kind: str, seed: int = 0, router_near_ties: float | None = None, 
 
 @functools.lru_cache(maxsize=None)
 def our_model(kind: str, dtype=torch.float32, seed: int = 0, router_near_ties: float | None = None,
-              layout: str | None = None):
+              layout: str | None = None, kernel: str = "torch"):
     from mtplx.backends.torch.loader import load_torch_model
 
     ck = checkpoint(kind, seed, router_near_ties, layout)
-    return load_torch_model(ck.path, dtype=dtype, progress=False)
+    return load_torch_model(ck.path, dtype=dtype, progress=False, kernel=kernel)
+
+
+def rowmm_available() -> bool:
+    """The compiled kernel, when already built (tests never wait for a compile unless
+    MTPLX_BUILD_KERNEL=1)."""
+    import os
+
+    from mtplx.backends.torch.kernels import get_rowmm, is_built
+
+    if not (is_built() or os.environ.get("MTPLX_BUILD_KERNEL") == "1"):
+        return False
+    return get_rowmm() is not None
+
+
+KERNEL_PARAMS = ["torch", "rowmm"]
 
 
 def hf_model(kind: str, seed: int = 0):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mtplx.decoding.params import SamplingParams
-from test_torch_common import our_model, prompt
+from test_torch_common import KERNEL_PARAMS, our_model, prompt, rowmm_available
 
 torch.set_num_threads(1)
 GREEDY = SamplingParams()
@@ -35,10 +35,17 @@ def decode_chain(m, p, toks):
 CASES = [("dense", None), ("moe", None), ("moe", 0.0), ("moe", 1e-7), ("next", None)]
 
 
+def need_kernel(kernel):
+    if kernel == "rowmm" and not rowmm_available():
+        pytest.skip("rowmm kernel not built (set MTPLX_BUILD_KERNEL=1 to build it)")
+
+
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kind,ties", CASES, ids=[f"{k}-ties{t}" for k, t in CASES])
-def test_verify_rows_bit_identical_to_decode(kind, ties, dtype):
-    m = our_model(kind, dtype, router_near_ties=ties)
+def test_verify_rows_bit_identical_to_decode(kind, ties, dtype, kernel):
+    need_kernel(kernel)
+    m = our_model(kind, dtype, router_near_ties=ties, kernel=kernel)
     p = prompt(9, seed=5)
     toks = prompt(6, seed=6)
     ref, _ = decode_chain(m, p, toks)
@@ -69,10 +76,12 @@ def test_moe_near_tie_router_picks_same_experts():
         assert torch.equal(moe(x[i:i + 1], EXACT)[0], moe(x, EXACT)[i])
 
 
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kind", ["dense", "moe"])
-def test_rollback_every_n(kind, dtype):
-    m = our_model(kind, dtype)
+def test_rollback_every_n(kind, dtype, kernel):
+    need_kernel(kernel)
+    m = our_model(kind, dtype, kernel=kernel)
     p = prompt(8, seed=11)
     seq = prompt(9, seed=12)  # last, 4 drafts, then continuation
     k = 4
@@ -117,10 +126,12 @@ def generate(m, p, depth, n, drafts=None):
     return out[:n], accepted
 
 
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kind", ["dense", "moe"])
-def test_greedy_mtp_equals_depth0(kind, dtype):
-    m = our_model(kind, dtype)
+def test_greedy_mtp_equals_depth0(kind, dtype, kernel):
+    need_kernel(kernel)
+    m = our_model(kind, dtype, kernel=kernel)
     p = prompt(7, seed=21)
     base, _ = generate(m, p, 0, 20)
     for depth in (1, 3):
@@ -163,3 +174,20 @@ def test_sessions_are_independent():
     a.last = b.last = c.last = 9
     la, _, lc = a.verify([])[0], b.verify([])[0], c.verify([])[0]
     assert torch.equal(la, lc)
+
+
+def test_rowmm_kernel_matches_torch_and_is_row_invariant():
+    if not rowmm_available():
+        pytest.skip("rowmm kernel not built")
+    from mtplx.backends.torch.kernels import get_rowmm
+
+    f = get_rowmm()
+    g = torch.Generator().manual_seed(0)
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        w = torch.randn(37, 96, generator=g).to(dt)
+        x = torch.randn(7, 96, generator=g)
+        y = f(x, w)
+        assert torch.allclose(y, x @ w.float().T, atol=1e-4, rtol=1e-4)
+        for m in range(1, 8):
+            assert torch.equal(f(x[:m].contiguous(), w), y[:m])
+        assert torch.equal(f(x[3:4].contiguous(), w)[0], y[3])

@@ -14,6 +14,7 @@ fp32. MLX-quantized tensors are dequantized with `mtplx.checkpoint.quant`.
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from collections.abc import Iterable, Mapping
@@ -185,10 +186,11 @@ def _checkpoint_bytes(path: Path) -> int:
 
 def load_torch_model(source, dtype=torch.bfloat16, device="cpu", *, config: ModelConfig | None = None,
                      include_mtp: bool = True, progress: bool | None = None, mtp_hidden: str = "post",
-                     source_norm_convention="auto") -> Qwen35Model:
+                     source_norm_convention="auto", kernel: str | None = None) -> Qwen35Model:
     """Load a model from a checkpoint folder, a canonical (name, array) iterable, or a raw tensor
     mapping (+ config). Returns an eval-mode Qwen35Model with `model.mtp` set when the checkpoint
-    has a head (and include_mtp)."""
+    has a head (and include_mtp). kernel: exact-path linears, "torch" (default, or $MTPLX_KERNEL),
+    "rowmm" (compiled fixed-order CPU kernel, built once on first use) or "auto"."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} not supported; use one of {sorted(DTYPES)}")
@@ -277,6 +279,8 @@ def load_torch_model(source, dtype=torch.bfloat16, device="cpu", *, config: Mode
     if quant_parts:
         raise CheckpointError(f"quantized module {next(iter(quant_parts))} lacks one of weight/scales/biases")
     _check_complete(model, filled, cfg)
+    kernel = kernel or os.environ.get("MTPLX_KERNEL", "torch")
+    model.set_kernel(kernel)
     return model
 
 

@@ -42,6 +42,8 @@ ROW_GROUP: dict[torch.dtype, int] = {torch.float32: 4, torch.bfloat16: 1, torch.
 
 def exact_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ w[N, K].T -> [M, N], row results independent of M and of the other rows."""
+    if not isinstance(w, torch.Tensor):  # a quantized weight (int8.Int8Weight): row-invariant kernel
+        return w.linear(x)
     g = ROW_GROUP.get(x.dtype, 1)
     m = x.shape[0]
     pad = (-m) % g
@@ -52,6 +54,8 @@ def exact_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def plain_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    if not isinstance(w, torch.Tensor):  # a quantized weight (int8.Int8Weight)
+        return w.linear(x)
     return F.linear(x, w)
 
 
@@ -78,8 +82,21 @@ class Ops:
         self.lin, self.ew = lin, ew
 
 
+def rowmm_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Exact-path linear through the fixed-order kernel (kernels.py); falls back to
+    exact_linear for shapes it does not take (K not a multiple of 8)."""
+    from .kernels import get_rowmm
+
+    fn = get_rowmm()
+    if fn is None or x.shape[1] % 8 or not w.is_contiguous():
+        return exact_linear(x, w)
+    return fn(x.float().contiguous(), w).to(x.dtype)
+
+
 PLAIN = Ops(plain_linear, plain_ew)
-EXACT = Ops(exact_linear, exact_ew)
+EXACT = Ops(exact_linear, exact_ew)  # pure torch: row padding (ROW_GROUP)
+EXACT_ROWMM = Ops(rowmm_linear, exact_ew)  # compiled fixed-order kernel
+KERNELS = {"torch": EXACT, "rowmm": EXACT_ROWMM}
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -207,11 +224,11 @@ class Attention(nn.Module):
         o = o.transpose(1, 2).reshape(B, T, self.nh * self.hd)
         return self._out(o, gate, PLAIN)
 
-    def step(self, x, rope, pos0: int, cache):
+    def step(self, x, rope, pos0: int, cache, ops: Ops = EXACT):
         """Exact path. x [T, H] at positions pos0..pos0+T-1; row i attends to keys <= pos0+i."""
         T = x.shape[0]
         positions = torch.arange(pos0, pos0 + T, device=x.device)
-        q, k, v, gate = self._project(x, rope, positions, EXACT)
+        q, k, v, gate = self._project(x, rope, positions, ops)
         cache.write(pos0, k, v)
         g = self.nh // self.nkv
         outs = []
@@ -222,7 +239,7 @@ class Attention(nn.Module):
             p = torch.softmax(s, dim=-1, dtype=torch.float32).to(x.dtype)
             outs.append(torch.matmul(p, V).reshape(self.nh * self.hd))
         o = torch.stack(outs)  # [T, nh*hd]
-        return self._out(o, gate, EXACT)
+        return self._out(o, gate, ops)
 
 
 # ---- GatedDeltaNet ---------------------------------------------------------------------------
@@ -344,13 +361,13 @@ class GatedDeltaNet(nn.Module):
             cache.state = S[0].detach()
         return self._out(o.transpose(1, 2), z, x.dtype, PLAIN)
 
-    def step(self, x, cache):
+    def step(self, x, cache, ops: Ops = EXACT):
         """Exact path. x [T, H]: token-by-token recurrence; records the state after every
         position in the cache (cache.keep(m) restores the state after position m-1)."""
         T = x.shape[0]
-        mixed, z, beta, g = self._inputs(x, EXACT)
+        mixed, z, beta, g = self._inputs(x, ops)
         xx = torch.cat([cache.conv.to(mixed.dtype), mixed], dim=0)
-        q, k, v = self._qkv(causal_conv(xx, self.conv_w.float().t(), T), EXACT)
+        q, k, v = self._qkv(causal_conv(xx, self.conv_w.float().t(), T), ops)
         decay = exact_ew(torch.exp, g)
         S = cache.state  # [nv, dk, dv] fp32
         states, outs = [], []
@@ -363,7 +380,7 @@ class GatedDeltaNet(nn.Module):
             outs.append(torch.bmm(q[t][:, None, :], S)[:, 0])  # [nv, dv]
             states.append(S)
         cache.record(mixed, states)
-        return self._out(torch.stack(outs), z, x.dtype, EXACT)
+        return self._out(torch.stack(outs), z, x.dtype, ops)
 
 
 # ---- MLPs ------------------------------------------------------------------------------------
@@ -443,11 +460,11 @@ class DecoderLayer(nn.Module):
         B, T, H = h.shape
         return x + self.mlp(h.reshape(B * T, H)).reshape(B, T, H)
 
-    def step(self, x, rope, pos0, cache):  # exact: x [T, H]
+    def step(self, x, rope, pos0, cache, ops: Ops = EXACT):  # exact: x [T, H]
         h = rms_norm(x, self.input_norm, self.eps)
-        h = self.mixer.step(h, rope, pos0, cache) if self.is_attn else self.mixer.step(h, cache)
+        h = self.mixer.step(h, rope, pos0, cache, ops) if self.is_attn else self.mixer.step(h, cache, ops)
         x = x + h
-        return x + self.mlp(rms_norm(x, self.post_norm, self.eps), EXACT)
+        return x + self.mlp(rms_norm(x, self.post_norm, self.eps), ops)
 
 
 class Qwen35Model(nn.Module):
@@ -469,6 +486,7 @@ class Qwen35Model(nn.Module):
         self.rope = Rope(cfg)
         self.mtp = None  # MtpHead, attached by the loader when the checkpoint has one
         self.mtp_hidden = "post"  # which target hidden feeds the head: "post" | "pre" final norm
+        self.kernel = "torch"  # exact-path linears: "torch" (row padding) | "rowmm" (compiled)
 
     # -- helpers
     @property
@@ -519,11 +537,30 @@ class Qwen35Model(nn.Module):
         Positions stay pending until cache.keep(m)."""
         pos0 = cache.length
         cache.ensure(pos0 + ids.shape[0])
+        ops = KERNELS[self.kernel]
         x = F.embedding(ids, self.embed)
         for i, layer in enumerate(self.layers):
-            x = layer.step(x, self.rope, pos0, cache.layers[i])
+            x = layer.step(x, self.rope, pos0, cache.layers[i], ops)
         post = rms_norm(x, self.norm, self.eps)
-        return post, x, self.logits(post, exact_linear)
+        return post, x, self.logits(post, ops.lin)
+
+    def set_kernel(self, kernel: str) -> str:
+        """Choose the exact-path linear kernel: "torch", "rowmm" or "auto" (rowmm when it builds).
+        Set it before creating sessions; a session must not change kernels mid-sequence.
+        Returns the kernel in use."""
+        if kernel == "auto":
+            from .kernels import get_rowmm
+
+            kernel = "rowmm" if (self.device.type == "cpu" and get_rowmm() is not None) else "torch"
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be 'torch', 'rowmm' or 'auto', got {kernel!r}")
+        if kernel == "rowmm":
+            from .kernels import get_rowmm, kernel_error
+
+            if self.device.type != "cpu" or get_rowmm() is None:
+                raise RuntimeError(f"the rowmm kernel is unavailable: {kernel_error() or 'not a CPU model'}")
+        self.kernel = kernel
+        return kernel
 
     def new_cache(self, max_len: int):
         from .cache import ModelCache
@@ -550,17 +587,18 @@ def check_row_invariance(model: Qwen35Model, max_rows: int = 8) -> list[str]:
     with torch.no_grad():
         for shape, w in shapes.items():
             x = torch.randn(max_rows, shape[1], generator=gen).to(w.dtype)
-            ref = exact_linear(x[:1], w)[0]
+            lin = KERNELS[model.kernel].lin
+            ref = lin(x[:1], w)[0]
             for m in range(2, max_rows + 1):
                 for pos in (0, m - 1):
                     xx = torch.randn(m, shape[1], generator=gen).to(w.dtype)
                     xx[pos] = x[0]
-                    if not torch.equal(exact_linear(xx, w)[pos], ref):
+                    if not torch.equal(lin(xx, w)[pos], ref):
                         bad.append(f"{tuple(shape)} {w.dtype}: row {pos} of {m} differs from 1 row")
     return bad
 
 
 __all__ = [
-    "ROW_GROUP", "exact_linear", "exact_ew", "Ops", "PLAIN", "EXACT", "rms_norm", "Rope", "Attention", "GatedDeltaNet", "MLP", "MoE",
+    "ROW_GROUP", "exact_linear", "exact_ew", "Ops", "PLAIN", "EXACT", "EXACT_ROWMM", "KERNELS", "rms_norm", "Rope", "Attention", "GatedDeltaNet", "MLP", "MoE",
     "DecoderLayer", "Qwen35Model", "chunk_gated_delta", "causal_conv", "check_row_invariance",
 ]
