@@ -195,8 +195,15 @@ class GenerationResult:
 
 def _resolve(model: Model, params: SamplingParams | None, depth: int | None) -> tuple[SamplingParams, int]:
     params = params or SamplingParams()
-    if depth is None:
-        depth = 3 if model.has_mtp else 0
+    if depth is None:  # what `mtplx tune` kept for this model and machine, else 3 with a head
+        try:
+            from mtplx.tuning import tuned_depth
+
+            depth = tuned_depth(model)
+        except Exception:  # noqa: BLE001 - no tuning cache or an unreadable one: the default
+            depth = None
+        if depth is None or depth < 0 or (depth > 0 and not model.has_mtp):
+            depth = 3 if model.has_mtp else 0
     if depth > 0 and not model.has_mtp:
         raise ValueError(
             f"depth {depth} needs an MTP head and {model.path or 'this model'} has none: "
@@ -208,7 +215,8 @@ def _resolve(model: Model, params: SamplingParams | None, depth: int | None) -> 
 def stream_generate(model: Model, prompt: str | list, params: SamplingParams | None = None,
                     depth: int | None = None, *, session=None, chat_kwargs: dict | None = None
                     ) -> Iterator[GenerationResponse]:
-    """Yield a GenerationResponse per emitted token. depth None: 3 with an MTP head, else 0."""
+    """Yield a GenerationResponse per emitted token. depth None: the depth `mtplx tune` kept for
+    this model, else 3 with an MTP head, else 0."""
     params, depth = _resolve(model, params, depth)
     ids = model.encode_prompt(prompt, chat_kwargs)
     session = session or model.new_session()

@@ -25,7 +25,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message (with --chat)")
     p.add_argument("--no-thinking", action="store_true", help="pass enable_thinking=false to the chat template")
     p.add_argument("--depth", "-d", type=int, default=None,
-                   help="MTP draft depth; 0 = plain decoding (default: 3 when the model has a head, else 0)")
+                   help="MTP draft depth; 0 = plain decoding (default: the depth `mtplx tune` kept, else 3 with a head, else 0)")
     p.add_argument("--max-tokens", "-n", type=int, default=256, help="maximum tokens to generate (default 256)")
     p.add_argument("--temp", "--temperature", dest="temp", type=float, default=0.0, help="temperature (0 = greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
