@@ -385,3 +385,15 @@ def test_chat_template_kwargs_reach_the_template(client):
     b = client.post(CHAT, json={**base, "chat_template_kwargs": {"enable_thinking": False}}).json()
     assert b["usage"]["prompt_tokens"] > a
     assert_openai_error(client.post(CHAT, json={**base, "chat_template_kwargs": {"x": [1]}}), 400)
+
+
+def test_cors_opt_in():
+    app = create_app(FakeModel(), api_key="k", allow_origins=["http://ui.example"])
+    with TestClient(app) as c:
+        pre = c.options(CHAT, headers={"origin": "http://ui.example", "access-control-request-method": "POST",
+                                       "access-control-request-headers": "authorization"})
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://ui.example"
+        r = c.get("/v1/models", headers={"origin": "http://ui.example"})
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "http://ui.example"
+    with TestClient(create_app(FakeModel())) as c:
+        assert "access-control-allow-origin" not in c.get("/v1/models", headers={"origin": "http://x"}).headers

@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, default=None,
                    help="cap the context (prompt + completion) per request (default: the model's)")
     p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body accepted")
+    p.add_argument("--allow-origin", action="append", default=None, metavar="ORIGIN",
+                   help="allow browser requests from this origin (CORS; repeatable; '*' for any)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the torch backend (default: torch's)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -83,7 +85,8 @@ def run(args) -> int:
         return 1
     app = create_app(adapter, depth=depth, max_queue=args.max_queue, parallel=args.parallel,
                      api_key=args.api_key, max_body=int(args.max_body_mb * 1024 * 1024),
-                     max_tokens_cap=args.max_tokens, model_id=args.served_model_name)
+                     max_tokens_cap=args.max_tokens, model_id=args.served_model_name,
+                     allow_origins=args.allow_origin)
     print(f"mtplx serve: {app.state.mtplx.model_id} (MTP depth {depth}) on http://{args.host}:{args.port}/v1",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, server_header=False,

@@ -166,7 +166,8 @@ def _document_errors(app: FastAPI) -> None:
 
 def create_app(model: ModelAdapter, *, depth: int = 0, max_queue: int = 16, parallel: int = 1,
                api_key: str | None = None, max_body: int = DEFAULT_MAX_BODY,
-               max_tokens_cap: int | None = None, model_id: str | None = None) -> FastAPI:
+               max_tokens_cap: int | None = None, model_id: str | None = None,
+               allow_origins: list[str] | None = None) -> FastAPI:
     """Build the app. The engine worker starts with the app (lifespan) and stops with it."""
     engine = Engine(model, depth=depth, max_queue=max_queue, parallel=parallel)
     metrics = Metrics(engine)
@@ -203,4 +204,9 @@ def create_app(model: ModelAdapter, *, depth: int = 0, max_queue: int = 16, para
 
     _document_errors(app)
     app.add_middleware(GuardMiddleware, api_key=api_key, max_body=max_body, metrics=metrics)
+    if allow_origins:  # browser clients on other origins (outermost: errors get CORS headers too)
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "x-api-key", "content-type", "anthropic-version"])
     return app
