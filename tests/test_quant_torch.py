@@ -104,3 +104,35 @@ def test_greedy_mtp_equals_depth0_on_quantized_trunk(quant, load_dtype):
     ref = _greedy(m, 0)
     for depth in (1, 2, 4):
         assert _greedy(m, depth) == ref, f"depth {depth}"
+
+
+def test_int8_on_load_keeps_verify_equal_decode_and_greedy_parity():
+    """Weight-only int8 (`quantize="int8"`): rows of a verify are bit-identical to one-token
+    decodes (the kernel is row-invariant), so greedy MTP == depth 0; logits stay near bf16's."""
+    from mtplx.backends.torch.int8 import Int8Weight
+    from mtplx.backends.torch.loader import load_torch_model
+
+    m = load_torch_model(ck(None).path, dtype=torch.bfloat16, progress=False, quantize="int8")
+    assert isinstance(m.layers[0].mlp.gate_up, Int8Weight) and isinstance(m.mtp.layers[0].mixer.qkv, Int8Weight)
+    assert isinstance(m.layers[0].mlp.router, torch.Tensor)  # routing stays in the model dtype
+    p = [int(x) for x in np.random.default_rng(2).integers(3, 512, 8)]
+    toks = [int(x) for x in np.random.default_rng(3).integers(3, 512, 5)]
+    s = m.new_session()
+    s.prefill(p)
+    ref = []
+    for t in toks:
+        s.last = t
+        ref.append(s.verify([])[0])
+        s.commit(0, 0)
+    s = m.new_session()
+    s.prefill(p)
+    s.last = toks[0]
+    rows = s.verify(toks[1:])
+    for i in range(len(toks)):
+        assert torch.equal(rows[i], ref[i]), f"row {i}"
+    want = _greedy(m, 0)
+    assert _greedy(m, 3) == want
+    ids = torch.tensor([p])
+    with torch.no_grad():
+        kl = _kl(model(None, torch.bfloat16).forward_hidden(ids)[2][0], m.forward_hidden(ids)[2][0])
+    assert kl.mean() < 0.05

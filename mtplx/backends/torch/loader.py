@@ -186,7 +186,8 @@ def _checkpoint_bytes(path: Path) -> int:
 
 def load_torch_model(source, dtype=torch.bfloat16, device="cpu", *, config: ModelConfig | None = None,
                      include_mtp: bool = True, progress: bool | None = None, mtp_hidden: str = "post",
-                     source_norm_convention="auto", kernel: str | None = None) -> Qwen35Model:
+                     source_norm_convention="auto", kernel: str | None = None,
+                     quantize: str | None = None) -> Qwen35Model:
     """Load a model from a checkpoint folder, a canonical (name, array) iterable, or a raw tensor
     mapping (+ config). Returns an eval-mode Qwen35Model with `model.mtp` set when the checkpoint
     has a head (and include_mtp). kernel: exact-path linears, "torch" (default, or $MTPLX_KERNEL),
@@ -279,6 +280,12 @@ def load_torch_model(source, dtype=torch.bfloat16, device="cpu", *, config: Mode
     if quant_parts:
         raise CheckpointError(f"quantized module {next(iter(quant_parts))} lacks one of weight/scales/biases")
     _check_complete(model, filled, cfg)
+    if quantize is not None:  # weight-only int8 on load (backends/torch/int8.py, docs/quantization.md)
+        if quantize != "int8":
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+        from .int8 import quantize_int8
+
+        quantize_int8(model)
     kernel = kernel or os.environ.get("MTPLX_KERNEL", "torch")
     model.set_kernel(kernel)
     return model
