@@ -88,7 +88,7 @@ def rowmm_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     from .kernels import get_rowmm
 
     fn = get_rowmm()
-    if fn is None or x.shape[1] % 8 or not w.is_contiguous():
+    if fn is None or not isinstance(w, torch.Tensor) or x.shape[1] % 8 or not w.is_contiguous():
         return exact_linear(x, w)
     return fn(x.float().contiguous(), w).to(x.dtype)
 
