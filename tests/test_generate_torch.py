@@ -152,7 +152,7 @@ def _flip(a, b):
 
 
 # ---- distribution at temperature > 0 --------------------------------------------------------
-N_SEEDS = 160
+N_SEEDS = 120
 # vocab 12; the random logits span tens, temperature 10 leaves a peaked target that the random
 # head partly agrees with (depth-1 acceptance ~0.25): rejections, residuals and bonuses all occur
 DIST = SamplingParams(temperature=10.0, max_tokens=4, ignore_eos=True)
