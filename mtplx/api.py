@@ -99,8 +99,11 @@ class Model:
 
 
 def load(path: str | Path | None = None, backend: str | None = None, dtype: str | None = None,
-         device: str | None = None) -> Model:
-    """Load a checkpoint folder (None: the embedded default model) on a backend."""
+         device: str | None = None, **options) -> Model:
+    """Load a checkpoint folder (None: the embedded default model) on a backend.
+
+    `options` go to the backend's loader (torch: e.g. quantize="int8", kernel="auto",
+    mtp_hidden="pre"; see mtplx.backends.torch.loader.load_torch_model)."""
     if path is None:
         path = default_model_path()
         if path is None:
@@ -132,11 +135,11 @@ def load(path: str | Path | None = None, backend: str | None = None, dtype: str 
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or ("bfloat16" if device != "cpu" else "float32")
-        m = load_torch_model(path, dtype=dtype, device=device, config=cfg)
+        m = load_torch_model(path, dtype=dtype, device=device, config=cfg, **options)
         return Model("torch", m, cfg, tokenizer, path, str(m.dtype).replace("torch.", ""), str(device))
     from mtplx.backends.mlx import default_dtype, device_name, load_mlx_model
 
-    m = load_mlx_model(path, dtype=dtype or default_dtype(), config=cfg)
+    m = load_mlx_model(path, dtype=dtype or default_dtype(), config=cfg, **options)
     return Model("mlx", m, cfg, tokenizer, path, str(m.dtype).replace("mlx.core.", ""), device_name())
 
 
