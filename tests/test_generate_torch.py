@@ -219,6 +219,8 @@ def test_seeded_runs_repeat_on_torch(ckpts):
     b = tokens(m.new_session(max_context=48), [1, 2, 3], p, 3)
     c = tokens(m.new_session(max_context=48), [1, 2, 3], SamplingParams(**{**p.__dict__, "seed": 8}), 3)
     assert a == b and a != c
+    g = SamplingParams(**{**p.__dict__, "greedy_draft": True})  # argmax drafts at temperature > 0
+    assert tokens(m.new_session(max_context=48), [1, 2, 3], g, 2) == tokens(m.new_session(max_context=48), [1, 2, 3], g, 2)
 
 
 # ---- API and CLI ---------------------------------------------------------------------------------
