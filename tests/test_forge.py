@@ -40,7 +40,7 @@ def forged(tmp_path_factory, corpus_dir):
     root = tmp_path_factory.mktemp("forge")
     write_synthetic_checkpoint(root / "base", "qwen3.5-35b-a3b", head="none", tokenizer=True, seed=1)
     opts = ForgeOptions(steps=60, seq_len=64, batch=8, pool_windows=48, eval_windows=8, depth=2, lr=1e-2,
-                        threads=1, seed=0)
+                        threads=1, seed=0, init="random")
     rep = forge(root / "base", str(corpus_dir), root / "out", opts)
     return root, rep
 
@@ -140,6 +140,7 @@ def test_cli_forge_json_and_errors(tmp_path, corpus_dir, capsys):
     assert code == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["steps"] == 2 and rep["written"]["experts"] == "dense" and len(rep["after"]["by_depth"]) == 2
+    assert rep["init"] == "trunk"  # a missing head starts from the target's last full-attention layer
     assert inspect_checkpoint(tmp_path / "o").head_present
     assert main(["forge", str(tmp_path / "c"), "--corpus", str(tmp_path / "nope"), "--steps", "1"]) == 1
     assert "no such file" in capsys.readouterr().err

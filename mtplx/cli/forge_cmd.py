@@ -32,8 +32,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
     p.add_argument("--pool", type=int, default=256, help="training windows with precomputed target hiddens (default 256)")
-    p.add_argument("--init", choices=["auto", "existing", "random"], default="auto",
-                   help="start from the checkpoint's head (auto when present) or from random weights")
+    p.add_argument("--init", choices=["auto", "existing", "trunk", "random"], default="auto",
+                   help="start from the checkpoint's head (auto when present), from a copy of the target's "
+                        "last full-attention layer (auto otherwise), or from random weights")
     p.add_argument("--layout", choices=["auto", "embedded", "sidecar_file"], default="auto",
                    help="where a NEW head goes (an existing head keeps its place)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

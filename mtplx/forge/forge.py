@@ -36,7 +36,7 @@ class ForgeOptions:
     depth_decay: float = 0.7  # loss weight of depth k = depth_decay ** (k - 1)
     pool_windows: int = 256  # training windows whose target hiddens are precomputed
     eval_windows: int = 24
-    init: str = "auto"  # auto (existing head if any, else random) | existing | random
+    init: str = "auto"  # auto (existing head if any, else trunk) | existing | random | trunk
     layout: str = "auto"  # where a new head goes: auto | embedded | sidecar_file
     heldout_fraction: float = 0.05
     threads: int | None = None
@@ -79,6 +79,27 @@ def _init_head(head, seed: int) -> None:
                 p.fill_(1.0)  # canonical norms are multipliers (file w = 0)
 
 
+def _init_from_trunk(model) -> None:
+    """Start the head's layer as a copy of the target's last full-attention layer (same shapes:
+    attention + the same MLP kind), fc as the mean of its two inputs: the head starts as "one more
+    target layer on top of h[t]" instead of from noise."""
+    import torch
+
+    src = next((l for l in reversed(model.layers) if l.is_attn), None)
+    head = model.mtp
+    if src is None:
+        return
+    with torch.no_grad():
+        for dst_l in head.layers:
+            sd = src.state_dict()
+            dst_sd = dst_l.state_dict()
+            if all(k in sd and sd[k].shape == v.shape for k, v in dst_sd.items()):
+                dst_l.load_state_dict({k: sd[k].to(v.dtype) for k, v in dst_sd.items()})
+        H = head.fc.shape[0]
+        eye = torch.eye(H, dtype=head.fc.dtype)
+        head.fc.copy_(0.5 * torch.cat([eye, eye], dim=1) + 0.01 * torch.randn(head.fc.shape, generator=torch.Generator().manual_seed(0)))
+
+
 def _ensure_head(model, cfg, init: str, seed: int) -> str:
     import torch
 
@@ -89,6 +110,8 @@ def _ensure_head(model, cfg, init: str, seed: int) -> str:
         raise ValueError("--init existing: this checkpoint has no MTP head to refresh (use --init random)")
     if have and init in ("auto", "existing"):
         return "existing"
+    if init == "auto":
+        init = "trunk"
     n_layers = len(model.mtp.layers) if have else (int(cfg.num_mtp_layers) if cfg.num_mtp_layers else 1)
     head = MtpHead(cfg, n_layers).to(dtype=torch.float32)
     for m in head.modules():  # norms stay fp32 multipliers, everything else the model dtype
@@ -98,7 +121,9 @@ def _ensure_head(model, cfg, init: str, seed: int) -> str:
     _init_head(head, seed)
     head.attach(model)
     model.mtp = head
-    return "random"
+    if init == "trunk":
+        _init_from_trunk(model)
+    return init
 
 
 def _tokenizer(model_dir: Path):

@@ -245,12 +245,20 @@ def cmd_train(args) -> None:
     log = (work / "train_log.jsonl").open("w")
     t_start = time.time()
     meta = {"seed": args.seed, "batch": args.batch, "seq": args.seq, "lr": args.lr,
-            "planned_steps": args.steps, "params": param_count(model)}
+            "planned_steps": args.steps, "minutes": args.minutes, "params": param_count(model)}
     step = 0
     ema = None
+    budget = args.minutes * 60 if args.minutes else None
     for step in range(args.steps):
         x = torch.from_numpy(next(it))
-        lr = lr_at(step, args.steps, args.lr, args.warmup)
+        if budget is not None:  # time budget: the cosine follows the clock (not bit-reproducible)
+            frac = (time.time() - t_start) / budget
+            if frac >= 1.0:
+                step -= 1
+                break
+            lr = lr_at(int(frac * 10_000), 10_000, args.lr, 300)  # 3% warmup
+        else:
+            lr = lr_at(step, args.steps, args.lr, args.warmup)
         ce, aux = train_step(model, opt, x, lr)
         ema = ce if ema is None else 0.98 * ema + 0.02 * ce
         elapsed = time.time() - t_start
@@ -287,7 +295,9 @@ def main():
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--steps", type=int, default=1400)
-    ap.add_argument("--max-minutes", type=float, default=45.0, help="safety cap on wall clock")
+    ap.add_argument("--max-minutes", type=float, default=None, help="safety cap on wall clock (step schedule)")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="time budget: the LR schedule follows the clock and training stops at the budget")
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1,
                     help="1 is fastest on a shared 2-core machine (no spin-waiting)")

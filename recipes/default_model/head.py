@@ -1,0 +1,105 @@
+"""Step 4: train the default model's MTP head with `mtplx forge` and ship the checkpoint.
+
+    python recipes/default_model/head.py --minutes 12     # -> mtplx/assets/default_model/
+
+Assembles the trunk (runs/default_model/trunk) and the tokenizer into an HF checkpoint folder,
+trains a fresh MoE MTP head on it by self-distillation (trunk frozen, depth-aware) on the
+training split of the stdlib corpus, evaluates teacher-forced acceptance on the held-out
+modules, and writes the result (head embedded in model.safetensors, HF key names, per-expert
+MoE head, zero-centred norms, bf16) into the package's asset folder, with recipe.json
+recording how it was made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def assemble(work: Path, dst: Path) -> Path:
+    """trunk weights + config + tokenizer files -> one checkpoint folder (no head yet)."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    trunk = work / "trunk"
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy2(trunk / name, dst / name)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(work / name, dst / name)
+    cfg = json.loads((dst / "config.json").read_text())
+    for noise in ("id2label", "label2id", "chunk_size_feed_forward", "problem_type", "output_hidden_states",
+                  "return_dict", "is_encoder_decoder", "_name_or_path", "output_attentions", "use_cache"):
+        cfg.pop(noise, None)
+    cfg["model_type"] = "qwen3_5_moe_text"
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    (dst / "generation_config.json").write_text(json.dumps({
+        "eos_token_id": cfg.get("eos_token_id"), "pad_token_id": cfg.get("pad_token_id"),
+        "do_sample": False}, indent=2))
+    return dst
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=common.WORK_DIR)
+    ap.add_argument("--out", type=Path, default=common.ASSET_DIR)
+    ap.add_argument("--minutes", type=float, default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--depth", type=int, default=3)
+    ap.add_argument("--pool", type=int, default=768)
+    ap.add_argument("--seed", type=int, default=common.SEED)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+
+    from mtplx.forge import Corpus, ForgeOptions, forge
+
+    t0 = time.time()
+    base = assemble(args.work, args.work / "checkpoint_nohead")
+    eos = common.EOS
+    train = [d for d in (args.work / "train.txt").read_text(encoding="utf-8").split(eos) if d.strip()]
+    held = [d for d in (args.work / "heldout.txt").read_text(encoding="utf-8").split(eos) if d.strip()]
+    corpus = Corpus(train=train, heldout=held, source="stdlib (recipe split: held-out modules "
+                                                      + ", ".join(common.HELD_OUT_MODULES) + ")")
+    opts = ForgeOptions(steps=args.steps, minutes=args.minutes, depth=args.depth, seed=args.seed, batch=8,
+                        seq_len=256, lr=2e-3, pool_windows=args.pool, eval_windows=48, init="trunk",
+                        layout="embedded", threads=args.threads)
+    log = (args.work / "head_log.jsonl").open("w")
+
+    def on_event(e):
+        if e["event"] != "step" or e["step"] % 10 == 0:
+            log.write(json.dumps(e) + "\n")
+            log.flush()
+        if e["event"] in ("before", "after", "written"):
+            print(json.dumps(e), flush=True)
+
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    rep = forge(base, corpus, args.out, opts, on_event=on_event)
+    for extra in ("trunk_meta.json",):
+        if (args.out / extra).exists():
+            (args.out / extra).unlink()
+    trunk_meta = json.loads((args.work / "trunk" / "trunk_meta.json").read_text())
+    corpus_meta = json.loads((args.work / "corpus.json").read_text())
+    recipe = {
+        "recipe": "recipes/default_model (corpus.py, tokenizer.py, trunk.py train, head.py)",
+        "seed": common.SEED,
+        "corpus": corpus_meta,
+        "held_out_modules": list(common.HELD_OUT_MODULES),
+        "trunk": trunk_meta,
+        "head": {k: v for k, v in rep.to_dict().items() if k not in ("history",)},
+        "head_seconds": round(time.time() - t0, 1),
+    }
+    (args.out / "recipe.json").write_text(json.dumps(recipe, indent=2))
+    size = sum(f.stat().st_size for f in args.out.iterdir())
+    print(json.dumps({"out": str(args.out), "bytes": size, "before": rep.before["by_depth"],
+                      "after": rep.after["by_depth"], "steps": rep.steps, "final_loss": rep.final_loss}))
+
+
+if __name__ == "__main__":
+    main()
