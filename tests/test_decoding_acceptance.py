@@ -303,3 +303,15 @@ def test_torch_filter_matches_numpy(params):
         assert ((want > 0).sum(-1) >= min(params.top_k, 50)).all()
     # greedy drafting rows: argmax and filtered argmax agree
     assert np.array_equal(np.argmax(want, -1), np.argmax(logits, -1))
+
+
+def test_top_k_keeps_ties_at_the_kth_value():
+    row = np.array([[5.0, 4.0, 3.0, 3.0, 3.0, 1.0, 0.0], [9.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    for params in (SamplingParams(temperature=1.0, top_k=3), SamplingParams(temperature=1.0, top_k=3, top_p=0.99)):
+        want = filter_probs(row, params)
+        assert (want[0] > 0).tolist() == [True] * 5 + [False] * 2
+        assert (want[1] > 0).sum() == 3
+        got = ts.filter_probs(torch.from_numpy(row), params).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+        got_bf16 = ts.filter_probs(torch.from_numpy(row).to(torch.bfloat16), params).numpy()
+        assert np.array_equal(got_bf16 > 0, want > 0)
