@@ -4,6 +4,7 @@
     python benchmarks/bench_decoding.py --model DIR [--model DIR2] --depths 0 1 2 3 4 --reps 3
     python benchmarks/bench_decoding.py --oracle             # add oracle-draft rows
     python benchmarks/bench_decoding.py --json out.json
+    python benchmarks/bench_decoding.py --sampling           # cost of accept / draft_token per call
 
 For each checkpoint and depth: generation tok/s (median over reps), speedup over depth 0 (the
 ratio of medians, runs interleaved depth by depth), acceptance by depth, tokens per verify,
@@ -119,6 +120,39 @@ def bench_model(label, model, args):
     return rows
 
 
+def bench_sampling(vocabs=(151936, 248320), depth=3) -> list[dict]:
+    """ms per call of the torch acceptance (D+1 bf16 rows) and of one drafting step."""
+    import torch
+
+    from mtplx.backends.torch import sampling as ts
+
+    settings = [("greedy", SamplingParams()), ("T0.7", SamplingParams(temperature=0.7)),
+                ("T0.7 k20 p0.8 (Qwen)", SamplingParams(temperature=0.7, top_k=20, top_p=0.8)),
+                ("T0.7 p0.95", SamplingParams(temperature=0.7, top_p=0.95))]
+    rows = []
+    for V in vocabs:
+        g = torch.Generator().manual_seed(0)
+        lg = (torch.randn(depth + 1, V, generator=g) * 3).to(torch.bfloat16)
+        for name, p in settings:
+            q = None if p.greedy else ts.filter_probs(torch.randn(depth, V, generator=g) * 3, p)
+            gen = ts.make_generator(0)
+            d = list(range(1, depth + 1))
+            for _ in range(2):
+                ts.accept(lg, d, q, p, gen)
+            n = 10
+            t = time.perf_counter()
+            for _ in range(n):
+                ts.accept(lg, d, q, p, gen)
+            a = (time.perf_counter() - t) / n * 1e3
+            t = time.perf_counter()
+            for _ in range(n):
+                ts.draft_token(lg[0], p, gen)
+            b = (time.perf_counter() - t) / n * 1e3
+            rows.append({"vocab": V, "setting": name, "depth": depth, "accept_ms": a, "draft_token_ms": b})
+            print(f"V={V:6d} {name:22} accept({depth + 1} rows) {a:7.2f} ms   draft_token {b:6.2f} ms")
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", default=[], help="checkpoint folder (repeatable)")
@@ -130,7 +164,17 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--oracle", action="store_true", help="add oracle-draft rows (upper bound)")
     ap.add_argument("--json", default=None, help="write the rows as JSON here")
+    ap.add_argument("--sampling", action="store_true", help="only time accept / draft_token (large vocabularies)")
     args = ap.parse_args(argv)
+    if args.sampling:
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        rows = bench_sampling()
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return 0
     if 0 not in args.depths:
         args.depths = [0] + args.depths
     import torch
