@@ -39,6 +39,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="torch: weight-only int8 on load (faster CPU decode; still exact MTP vs depth 0)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--compare", action="store_true",
+                   help="also run plain decoding (depth 0) on the same prompt and report the speedup")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     return p
 
@@ -62,7 +67,14 @@ def run(args) -> int:
     if args.depth is not None and args.depth < 0:
         raise ValueError(f"--depth must be >= 0, got {args.depth}")
     text = _prompt_text(args.prompt)
-    model = mtplx.load(args.model, backend=args.backend, dtype=args.dtype, device=args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    options = {"quantize": args.quantize} if args.quantize else {}
+    model = mtplx.load(args.model, backend=args.backend, dtype=args.dtype, device=args.device, **options)
     if args.chat:
         messages = []
         if args.system:
@@ -77,12 +89,17 @@ def run(args) -> int:
 
     if args.json:
         res = mtplx.generate(model, prompt, params, args.depth, chat_kwargs=chat_kwargs)
-        print(json.dumps(res.to_dict(), ensure_ascii=False))
+        out = res.to_dict()
+        if args.compare:
+            out["compare"] = _compare(model, prompt, params, chat_kwargs, res.stats, res.token_ids)
+        print(json.dumps(out, ensure_ascii=False))
         return 0
 
     last = None
     out = sys.stdout
+    tokens = []
     for r in mtplx.stream_generate(model, prompt, params, args.depth, chat_kwargs=chat_kwargs):
+        tokens.append(r.token)
         if r.text:
             out.write(r.text)
             out.flush()
@@ -94,4 +111,30 @@ def run(args) -> int:
     for line in last.stats.format_lines():
         print(line, file=err)
     print(f"Finish: {last.finish_reason}", file=err)
+    if args.compare:
+        c = _compare(model, prompt, params, chat_kwargs, last.stats, tokens)
+        if c["depth"] == 0:
+            print("Compare: this run was plain decoding already (depth 0)", file=err)
+        else:
+            same = {True: "yes", False: "NO (a bug: please report it)", None: "- (sampled)"}[c["identical_tokens"]]
+            print(f"Compare: plain decoding {c['plain_generation_tps']:.3f} tokens-per-sec, "
+                  f"MTP depth {c['depth']} {c['mtp_generation_tps']:.3f} -> speedup {c['speedup']:.2f}x; "
+                  f"identical tokens: {same}", file=err)
     return 0
+
+
+def _compare(model, prompt, params, chat_kwargs, mtp_stats, mtp_tokens) -> dict:
+    """Run the same request at depth 0 and compare speed (and tokens, when greedy)."""
+    import mtplx
+
+    if mtp_stats.depth == 0:
+        return {"depth": 0}
+    plain = mtplx.generate(model, prompt, params, 0, chat_kwargs=chat_kwargs)
+    base, fast = plain.stats.generation_tps, mtp_stats.generation_tps
+    return {
+        "depth": mtp_stats.depth,
+        "plain_generation_tps": base,
+        "mtp_generation_tps": fast,
+        "speedup": fast / base if base > 0 else None,
+        "identical_tokens": (plain.token_ids == list(mtp_tokens)) if params.greedy else None,
+    }
