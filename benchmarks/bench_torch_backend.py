@@ -220,6 +220,8 @@ def main(argv=None) -> dict:
                     r = run[who]
                     rows.append((kind, dn, who, r["decode_ms"], r["GB_s"], r["r2"], r["r3"], r["r4"], r["r5"],
                                  r["prefill_tok_s"], r.get("exact", "")))
+                    print("  " + json.dumps({"impl": who, **{k: (round(v, 3) if isinstance(v, float) else v)
+                                                              for k, v in r.items()}}), flush=True)
             del hf, ours
             print(f"[{kind} {dn}] done in {time.time() - t0:.0f}s", flush=True)
     hdr = ("model", "dtype", "impl", "decode ms", "GB/s", "r2", "r3", "r4", "r5", "prefill tok/s", "exact")

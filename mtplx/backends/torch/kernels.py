@@ -53,11 +53,17 @@ static inline void tile(const float* x, int64_t K, const W* w, float* y, int64_t
   for (int j = 0; j < NB; j++) for (int r = 0; r < R; r++) y[r * ldy + n0 + j] = hsum8(acc[j][r]);
 }
 
+// Row tiles of 4 (2 columns at a time: 8 accumulators + 4 x + 1 w registers), then 3, 2 or 1.
+// The tiling only decides which (n, r) pairs share a pass over w; each pair's arithmetic is the same.
 template <typename W, int NB>
 static inline void col_block(const float* x, int64_t M, int64_t K, const W* w, float* y, int64_t n0, int64_t N) {
   int64_t r = 0;
-  for (; r + 3 <= M; r += 3) tile<W, NB, 3>(x + r * K, K, w, y + r * N, n0, N);
-  if (M - r == 2) tile<W, NB, 2>(x + r * K, K, w, y + r * N, n0, N);
+  for (; r + 4 <= M; r += 4) {
+    if (NB % 2 == 0) { for (int j = 0; j < NB; j += 2) tile<W, 2, 4>(x + r * K, K, w, y + r * N, n0 + j, N); }
+    else { for (int j = 0; j < NB; j++) tile<W, 1, 4>(x + r * K, K, w, y + r * N, n0 + j, N); }
+  }
+  if (M - r == 3) tile<W, NB, 3>(x + r * K, K, w, y + r * N, n0, N);
+  else if (M - r == 2) tile<W, NB, 2>(x + r * K, K, w, y + r * N, n0, N);
   else if (M - r == 1) tile<W, NB, 1>(x + r * K, K, w, y + r * N, n0, N);
 }
 
@@ -91,7 +97,7 @@ torch::Tensor rowmm(torch::Tensor x, torch::Tensor w) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("rowmm", &rowmm, "fixed-order few-row matmul"); }
 """
 
-_NAME = "mtplx_rowmm_v1"
+_NAME = "mtplx_rowmm_v2"
 _lock = threading.Lock()
 _state: dict = {}
 

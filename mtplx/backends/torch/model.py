@@ -53,9 +53,18 @@ def exact_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
+# CPUs without native bf16/fp16 FMA (AVX2) run half-precision matmuls compute-bound at ~10
+# GFLOP/s; for many rows (prompts, training) widening the weight to fp32 and using sgemm is much
+# faster. Parallel path only: its rows need not match the exact path bit for bit.
+WIDEN_MIN_ROWS = 16
+
+
 def plain_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if not isinstance(w, torch.Tensor):  # a quantized weight (int8.Int8Weight)
         return w.linear(x)
+    if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+            and x.reshape(-1, x.shape[-1]).shape[0] >= WIDEN_MIN_ROWS):
+        return F.linear(x.float(), w.float()).to(x.dtype)
     return F.linear(x, w)
 
 
