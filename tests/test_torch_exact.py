@@ -193,3 +193,86 @@ def test_rowmm_kernel_matches_torch_and_is_row_invariant():
         for m in range(1, 8):
             assert torch.equal(f(x[:m].contiguous(), w), y[:m])
         assert torch.equal(f(x[3:4].contiguous(), w)[0], y[3])
+
+
+# ---- batched exact-path pieces: attention key tiles, dense MoE, padded elementwise ops -------
+
+
+@pytest.mark.parametrize("kind,dtype", [("dense", torch.float32), ("dense", torch.bfloat16),
+                                        ("moe", torch.float32), ("moe", torch.bfloat16)])
+def test_verify_rows_across_attention_tile_boundary(kind, dtype):
+    """Verify rows straddling a key tile (model.ATTN_TILE = 64: rows at positions 61..66 run in
+    two groups with different padded key lengths) equal one-token decodes bit for bit."""
+    from mtplx.backends.torch.model import ATTN_TILE
+
+    m = our_model(kind, dtype)
+    p = prompt(ATTN_TILE - 3, seed=31)
+    toks = prompt(6, seed=32)
+    ref, _ = decode_chain(m, p, toks)
+    for k in (2, 3, 5):
+        s = m.new_session()
+        s.prefill(p)
+        s.last = toks[0]
+        rows = s.verify(toks[1:k + 1])
+        for i in range(k + 1):
+            assert torch.equal(rows[i], ref[i]), f"{kind} {dtype} verify {k + 1} rows: row {i} differs"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ties", [0.0, 1e-7])
+def test_dense_moe_rows_invariant_and_matches_sparse(dtype, ties):
+    """MoE.forward_dense (all experts, fused matmuls): row i of an N-row call equals a 1-row call
+    for N = 1..8 with exact and near router ties, and agrees with the sparse per-expert path."""
+    import mtplx.backends.torch.model as M
+
+    m = our_model("moe", dtype, router_near_ties=ties)
+    moe = m.layers[0].mlp
+    assert moe._fused() is not None
+    x = torch.randn(8, m.cfg.hidden_size, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with torch.inference_mode():
+        one = [moe(x[i:i + 1], M.EXACT)[0] for i in range(8)]
+        for n in range(2, 9):
+            y = moe(x[:n], M.EXACT)
+            for i in range(n):
+                assert torch.equal(y[i], one[i]), f"{n} rows: row {i} differs"
+        old = M.DENSE_MOE_MAX_EI
+        try:
+            M.DENSE_MOE_MAX_EI = 0
+            sparse = moe(x, M.EXACT)
+        finally:
+            M.DENSE_MOE_MAX_EI = old
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(torch.stack(one).float(), sparse.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_moe_path_still_exact(dtype, monkeypatch):
+    """Blocks above DENSE_MOE_MAX_EI keep the per-expert loop: verify rows == decode there too."""
+    import mtplx.backends.torch.model as M
+
+    monkeypatch.setattr(M, "DENSE_MOE_MAX_EI", 0)
+    m = our_model("moe", dtype, router_near_ties=0.0)
+    p = prompt(9, seed=5)
+    toks = prompt(6, seed=6)
+    ref, _ = decode_chain(m, p, toks)
+    s = m.new_session()
+    s.prefill(p)
+    s.last = toks[0]
+    rows = s.verify(toks[1:6])
+    for i in range(6):
+        assert torch.equal(rows[i], ref[i]), f"row {i} differs"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [1, 4, 63, 64, 100, 128])
+def test_exact_ew_rows_invariant(dtype, width):
+    import torch.nn.functional as F
+
+    from mtplx.backends.torch.model import exact_ew
+
+    x = (torch.randn(7, width, generator=torch.Generator().manual_seed(2)) * 4).to(dtype)
+    for fn in (torch.exp, torch.sigmoid, F.silu, F.softplus):
+        full = exact_ew(fn, x)
+        for i in range(7):
+            assert torch.equal(exact_ew(fn, x[i:i + 1])[0], full[i])
+        assert torch.allclose(full.float(), fn(x).float(), atol=1e-2, rtol=1e-2)

@@ -29,10 +29,14 @@ class AttnCache:
             return
         if n > self.max_len:
             raise ValueError(f"attention cache needs {n} positions, the context holds {self.max_len}")
-        cap = min(self.max_len, max(n, 2 * self.capacity, 256))
+        # a multiple of the exact path's key tile (model.ATTN_TILE), which reads up to the end of
+        # the tile holding position n-1; zero-filled: masked slots must hold finite values
+        cap = max(n, 2 * self.capacity, 256)
+        cap = min(cap, self.max_len)
+        cap += (-cap) % 64
         for name in ("k", "v"):
             old = getattr(self, name)
-            new = torch.empty(self.nkv, cap, self.hd, dtype=self.dtype, device=self.device)
+            new = torch.zeros(self.nkv, cap, self.hd, dtype=self.dtype, device=self.device)
             new[:, : old.shape[1]] = old
             setattr(self, name, new)
 

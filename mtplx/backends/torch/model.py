@@ -76,12 +76,21 @@ def exact_ew(fn, x: torch.Tensor) -> torch.Tensor:
     """Apply an elementwise transcendental op (exp, sigmoid, silu, softplus, ...) to x [T, ...] so
     that row i gets the bits a 1-row call would give. ATen runs contiguous elementwise ops as one
     flat SIMD loop with a scalar tail (and splits big ones across threads), and the SIMD and scalar
-    exp differ in the last bit: rows are aligned only if each row is a multiple of 64 elements and
-    the op stays single-threaded; otherwise run row by row."""
+    exp differ in the last bit: rows are aligned when each row is a multiple of 64 elements and
+    the op stays single-threaded. Narrower rows are zero-padded to a multiple of 64 (for every T,
+    1 included, so decode takes the same SIMD path as verify); big ones run row by row."""
     T = x.shape[0]
-    if T == 1 or (x.is_contiguous() and x[0].numel() % 64 == 0 and x.numel() < 32768):
+    W = x[0].numel() if T else 0
+    if W % 64 == 0 and x.is_contiguous() and x.numel() < 32768:
         return fn(x)
-    return torch.cat([fn(x[i:i + 1]) for i in range(T)])
+    if W % 64 == 0 or W >= 32768:
+        return torch.cat([fn(x[i:i + 1]) for i in range(T)])
+    Wp = W + (-W) % 64
+    buf = x.new_zeros(T, Wp)
+    buf[:, :W] = x.reshape(T, W)
+    if T * Wp < 32768:
+        return fn(buf)[:, :W].reshape(x.shape)
+    return torch.cat([fn(buf[i:i + 1]) for i in range(T)])[:, :W].reshape(x.shape)
 
 
 class Ops:
@@ -234,21 +243,44 @@ class Attention(nn.Module):
         return self._out(o, gate, PLAIN)
 
     def step(self, x, rope, pos0: int, cache, ops: Ops = EXACT):
-        """Exact path. x [T, H] at positions pos0..pos0+T-1; row i attends to keys <= pos0+i."""
+        """Exact path. x [T, H] at positions pos0..pos0+T-1; row i attends to keys <= pos0+i.
+        Rows are batched per key tile: a row at position p always runs over the first
+        L = ceil((p+1)/ATTN_TILE)*ATTN_TILE cache slots (later ones masked to -inf, probability 0),
+        whatever the other rows, so its scores / softmax / p @ V see the same shapes and values
+        as a one-token decode at p; query rows are padded to the dtype's ROW_GROUP."""
         T = x.shape[0]
         positions = torch.arange(pos0, pos0 + T, device=x.device)
         q, k, v, gate = self._project(x, rope, positions, ops)
         cache.write(pos0, k, v)
-        g = self.nh // self.nkv
+        nkv, g, hd = self.nkv, self.nh // self.nkv, self.hd
+        rg = ROW_GROUP.get(x.dtype, 1)
         outs = []
-        for i in range(T):
-            K, V = cache.view(pos0 + i + 1)  # [nkv, S, hd]
-            qi = q[i].reshape(self.nkv, g, self.hd)
-            s = torch.matmul(qi, K.transpose(1, 2)) * self.scale  # [nkv, g, S]
+        i = 0
+        while i < T:
+            L = -(-(pos0 + i + 1) // ATTN_TILE) * ATTN_TILE
+            j = min(T, L - pos0)  # rows i..j-1 share the tile length L
+            n = j - i
+            K, V = cache.view(L)  # [nkv, L, hd]
+            qg = q[i:j].reshape(n, nkv, g, hd).permute(1, 0, 2, 3).reshape(nkv, n * g, hd)
+            M = n * g
+            pad = (-M) % rg
+            if pad:
+                qg = torch.cat([qg, qg.new_zeros(nkv, pad, hd)], 1)
+            s = torch.matmul(qg, K.transpose(1, 2)) * self.scale  # [nkv, M+pad, L]
+            qpos = torch.arange(pos0 + i, pos0 + j, device=x.device).repeat_interleave(g)
+            if pad:
+                qpos = torch.cat([qpos, qpos.new_full((pad,), pos0 + i)])
+            masked = torch.arange(L, device=x.device)[None, :] > qpos[:, None]  # [M+pad, L]
+            s = s.masked_fill(masked, float("-inf"))
             p = torch.softmax(s, dim=-1, dtype=torch.float32).to(x.dtype)
-            outs.append(torch.matmul(p, V).reshape(self.nh * self.hd))
-        o = torch.stack(outs)  # [T, nh*hd]
+            o = torch.matmul(p, V)[:, :M]  # [nkv, M, hd]
+            outs.append(o.reshape(nkv, n, g, hd).permute(1, 0, 2, 3).reshape(n, self.nh * hd))
+            i = j
+        o = outs[0] if len(outs) == 1 else torch.cat(outs)  # [T, nh*hd]
         return self._out(o, gate, ops)
+
+
+ATTN_TILE = 64  # exact-path attention key tile (cache capacity is kept a multiple of it)
 
 
 # ---- GatedDeltaNet ---------------------------------------------------------------------------
@@ -379,17 +411,22 @@ class GatedDeltaNet(nn.Module):
         q, k, v = self._qkv(causal_conv(xx, self.conv_w.float().t(), T), ops)
         decay = exact_ew(torch.exp, g)
         S = cache.state  # [nv, dk, dv] fp32
-        states, outs = [], []
+        # everything but the state update is computed for all rows at once; per token: 5 ops
+        dec = decay[:, :, None, None].unbind(0)  # T x [nv, 1, 1]
+        krow = k[:, :, None, :].unbind(0)  # T x [nv, 1, dk]
+        kcol = k[:, :, :, None].unbind(0)  # T x [nv, dk, 1]
+        vrow = v[:, :, None, :].unbind(0)  # T x [nv, 1, dv]
+        brow = beta[:, :, None, None].unbind(0)  # T x [nv, 1, 1]
+        states = []
         for t in range(T):
-            kt = k[t][:, None, :]  # [nv, 1, dk]
-            S = S * decay[t][:, None, None]
-            kv = torch.bmm(kt, S)  # [nv, 1, dv]
-            delta = (v[t][:, None, :] - kv) * beta[t][:, None, None]
-            S = S + kt.transpose(1, 2) * delta
-            outs.append(torch.bmm(q[t][:, None, :], S)[:, 0])  # [nv, dv]
+            S = S * dec[t]
+            delta = (vrow[t] - torch.bmm(krow[t], S)) * brow[t]  # [nv, 1, dv]
+            S = S + kcol[t] * delta
             states.append(S)
+        St = torch.stack(states) if T > 1 else states[0][None]  # [T, nv, dk, dv]
+        o = torch.matmul(q[:, :, None, :], St)[:, :, 0]  # [T, nv, dv]
         cache.record(mixed, states)
-        return self._out(torch.stack(outs), z, x.dtype, ops)
+        return self._out(o, z, x.dtype, ops)
 
 
 # ---- MLPs ------------------------------------------------------------------------------------
@@ -407,6 +444,20 @@ class MLP(nn.Module):
     def forward(self, x, ops: Ops = PLAIN):  # x [N, H] -> [N, H]
         gu = ops.lin(x, self.gate_up)
         return ops.lin(ops.ew(F.silu, gu[:, : self.I]) * gu[:, self.I:], self.down)
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors (loaded under inference_mode) track no version
+        return -1
+
+
+# Exact-path MoE blocks with E * moe_intermediate_size up to this run every expert for every row
+# in two fused matmuls (MoE.forward_dense): for small experts the per-expert gather/scatter ops
+# cost more than the extra FLOPs, and the cost no longer grows with the number of distinct
+# experts a verify's rows pick. Larger blocks keep the sparse per-expert loop.
+DENSE_MOE_MAX_EI = 4096
 
 
 class MoE(nn.Module):
@@ -432,7 +483,58 @@ class MoE(nn.Module):
             w = w / w.sum(-1, keepdim=True)
         return w.to(x.dtype), idx
 
+    def _fused(self):
+        """Exact-path weights for dense evaluation (built once, rebuilt if a weight changes):
+        w1 [E + 1 + E*2I + 2Is, H] = router | shared gate | every expert's gate_up | shared gate_up,
+        w2 [H, E*I + Is] = every expert's down | shared down. None when not applicable."""
+        ws = (self.router, self.shared_gate, self.gate_up, self.down, self.shared.gate_up, self.shared.down)
+        if not all(isinstance(t, torch.Tensor) for t in ws) or self.E * self.I > DENSE_MOE_MAX_EI:
+            return None
+        key = tuple((t.data_ptr(), _version(t)) for t in ws)
+        f = self.__dict__.get("_fused_w")
+        if f is None or f[0] != key:
+            with torch.no_grad():
+                E, I, H = self.E, self.I, self.router.shape[1]
+                w1 = torch.cat([self.router, self.shared_gate.to(self.router.dtype),
+                                self.gate_up.reshape(E * 2 * I, H), self.shared.gate_up]).contiguous()
+                w2 = torch.cat([self.down.permute(1, 0, 2).reshape(H, E * I), self.shared.down], 1).contiguous()
+            f = (key, w1, w2)
+            self.__dict__["_fused_w"] = f
+        return f[1], f[2]
+
+    def forward_dense(self, x, w1, w2, ops: Ops):
+        """Exact path, all experts at once (cost independent of which experts the rows pick):
+        one row-invariant matmul for router + shared gate + every gate_up, SwiGLU on all experts,
+        each expert's activation scaled by its routing weight (0 when not picked), one
+        row-invariant matmul over all experts' down + the shared expert. x [N, H] -> [N, H]."""
+        N, H = x.shape
+        E, I, Is = self.E, self.I, self.shared.I
+        y = ops.lin(x, w1)  # [N, E + 1 + E*2I + 2Is]
+        probs = torch.softmax(y[:, :E], dim=-1, dtype=torch.float32)
+        w, idx = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk:
+            w = w / w.sum(-1, keepdim=True)
+        wfull = x.new_zeros(N, E + 1)
+        wfull.scatter_(1, idx, w.to(x.dtype))
+        wfull[:, E:] = exact_ew(torch.sigmoid, y[:, E:E + 1])
+        gu = y[:, E + 1:].reshape(N, E + 1, 2 * I) if Is == I else None
+        if gu is None:  # shared expert of another width: two pieces
+            ge = y[:, E + 1:E + 1 + E * 2 * I].reshape(N, E, 2 * I)
+            gs = y[:, E + 1 + E * 2 * I:]
+            a = ops.ew(F.silu, ge[..., :I].contiguous()) * ge[..., I:]
+            a = (a * wfull[:, :E, None]).reshape(N, E * I)
+            sa = ops.ew(F.silu, gs[:, :Is].contiguous()) * gs[:, Is:] * wfull[:, E:]
+            a = torch.cat([a, sa], 1)
+        else:
+            a = ops.ew(F.silu, gu[..., :I].contiguous()) * gu[..., I:]
+            a = (a * wfull[:, :, None]).reshape(N, (E + 1) * I)
+        return ops.lin(a, w2)
+
     def forward(self, x, ops: Ops = PLAIN):  # x [N, H] -> [N, H]
+        if ops is not PLAIN:
+            f = self._fused()
+            if f is not None:
+                return self.forward_dense(x, f[0], f[1], ops)
         N, H = x.shape
         w, idx = self.route(x, ops)
         buf = x.new_zeros(N, self.top_k, H)
