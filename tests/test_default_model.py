@@ -50,7 +50,17 @@ def test_tokenizer_is_chatml():
     assert tok.decode(tok.encode(PROMPT).ids) == PROMPT
 
 
-def test_default_load_and_greedy_mtp_parity():
+@pytest.fixture
+def one_thread():
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 threads on a busy 2-core machine spin-wait: 10x slower
+    yield
+    torch.set_num_threads(prev)
+
+
+def test_default_load_and_greedy_mtp_parity(one_thread):
     import mtplx
     from mtplx.decoding.params import SamplingParams
 

@@ -88,7 +88,7 @@ def test_chain_depth1_equals_head_forward_train(tmp_path):
     m = load_torch_model(tmp_path / "c", dtype=torch.float32)
     ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
     post, _, _ = m.forward_hidden(ids, logits="none")
-    chain = chain_forward(m, post, ids, 2)
+    chain = chain_forward(m, post, ids, 2, tokens="draft")
     ref = m.mtp.forward_train(post[:, :-1], ids[:, 1:])
     torch.testing.assert_close(chain[0], ref, rtol=1e-4, atol=1e-4)
     # depth 2 of start t, drafted from the head's own output, matches a step-by-step rebuild for t = 0
@@ -124,7 +124,7 @@ def test_corpus_split_is_deterministic(corpus_dir):
 
 
 def test_acceptance_rates_math():
-    r = acceptance_rates([60, 30, 15], 100)
+    r = acceptance_rates([60, 20, 5], [100, 40, 10])
     assert r["by_depth"] == [0.6, 0.5, 0.5]
     assert r["cumulative"] == [0.6, 0.3, 0.15]
     assert np.isclose(r["tokens_per_verify"][2], 2.05)

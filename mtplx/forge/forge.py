@@ -42,6 +42,7 @@ class ForgeOptions:
     threads: int | None = None
     progress: bool = True
     eval_every: int = 0  # 0 = before and after only
+    chain_tokens: str = "text"  # token fed to depth k > 1 in training: "text" | "draft" (head_train)
 
 
 @dataclass
@@ -165,16 +166,16 @@ def evaluate(model, ids, hid_in, hid_post, depth: int, batch: int = 8) -> dict:
 
     from .head_train import acceptance_counts, acceptance_rates, chain_forward
 
-    counts, total = [0] * depth, 0
+    acc, elig = [0] * depth, [0] * depth
     with torch.no_grad():
         for i in range(0, ids.shape[0], batch):
             x = ids[i:i + batch]
             teacher = model.logits(hid_post[i:i + batch])
-            lg = chain_forward(model, hid_in[i:i + batch], x, depth)
-            c, n = acceptance_counts(lg, teacher)
-            counts = [a + b for a, b in zip(counts, c)]
-            total += n
-    return acceptance_rates(counts, total)
+            lg = chain_forward(model, hid_in[i:i + batch], x, depth, tokens="draft")
+            a, e = acceptance_counts(lg, teacher, x)
+            acc = [p + q for p, q in zip(acc, a)]
+            elig = [p + q for p, q in zip(elig, e)]
+    return acceptance_rates(acc, elig)
 
 
 def forge(model_dir, corpus: str | Corpus = "stdlib", out_dir=None, opts: ForgeOptions | None = None,
@@ -183,19 +184,29 @@ def forge(model_dir, corpus: str | Corpus = "stdlib", out_dir=None, opts: ForgeO
     (default: in place). `on_event(dict)` receives progress events when given."""
     import torch
 
+    opts = opts or ForgeOptions()
+    if opts.steps is None and opts.minutes is None:
+        opts.steps = 300
+    if opts.depth < 1:
+        raise ValueError(f"--depth must be >= 1, got {opts.depth}")
+    prev_threads = torch.get_num_threads()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    try:
+        return _forge(model_dir, corpus, out_dir, opts, on_event)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _forge(model_dir, corpus, out_dir, opts: ForgeOptions, on_event) -> ForgeReport:
+    import torch
+
     from mtplx.backends.torch.loader import load_torch_model
     from mtplx.checkpoint.config import load_config
 
     from .head_train import chain_forward, distill_loss
     from .write import write_head
 
-    opts = opts or ForgeOptions()
-    if opts.steps is None and opts.minutes is None:
-        opts.steps = 300
-    if opts.depth < 1:
-        raise ValueError(f"--depth must be >= 1, got {opts.depth}")
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
     model_dir = Path(model_dir)
     emit = on_event or (lambda e: None)
     t_start = time.time()
@@ -256,7 +267,7 @@ def forge(model_dir, corpus: str | Corpus = "stdlib", out_dir=None, opts: ForgeO
         ids = pool_ids[idx]
         with torch.no_grad():
             teacher = model.logits(pool_post[idx])
-        logits = chain_forward(model, pool_in[idx], ids, opts.depth)
+        logits = chain_forward(model, pool_in[idx], ids, opts.depth, tokens=opts.chain_tokens)
         loss, per = distill_loss(logits, teacher, weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -10,7 +10,7 @@ At inference the head drafts a chain from the last verified position t:
     depth k: (g_{k-1}, d_{k-1}) at position t+k-1 -> dk (teacher L[t+k])
 where g is the head's own output after mtp.norm and d the token it just drafted (greedy). The
 head's KV cache holds the depth-1 entries of every verified position <= t, plus the chain's own
-entries. `chain_forward` reproduces exactly that for every start t of a sequence at once:
+entries. `chain_forward` reproduces that for every start t of a sequence at once:
 stream k (the depth-k drafts of all starts) attends causally to the depth-1 stream's keys
 (positions <= t) and to the keys of streams 2..k of the SAME start (a diagonal), so training
 sees what drafting sees. Gradients flow through the recursion (through g, not through the
@@ -59,12 +59,22 @@ def _layer_multi(layer, rope, xs: list[torch.Tensor], positions: list[torch.Tens
 
 
 def chain_forward(model, hidden: torch.Tensor, ids: torch.Tensor, depth: int,
-                  draft_tokens: str = "greedy") -> list[torch.Tensor]:
+                  tokens: str = "draft") -> list[torch.Tensor]:
     """hidden [B, T, H] = h[0..T-1] of the frozen target, ids [B, T] = x[0..T-1].
     Returns logits per depth: out[k-1] [B, T-1, V], row t = the depth-k draft of start t
-    (predicts x[t+k+1]; rows with t + k > T - 1 have no teacher and are ignored by callers)."""
+    (predicts x[t+k+1]; rows with t + k > T - 1 have no teacher and are ignored by callers).
+
+    Depth k > 1 always takes the head's own output g as its hidden. Its token is, with
+    tokens="draft", the token the head drafted one depth earlier (exactly inference); with
+    tokens="text", the text token x[t+k] — the token the target's teacher L[t+k] is conditioned
+    on. Training uses "text": on real text the draft often differs from x[t+k], and a draft
+    token paired with a teacher computed after another token is a contradictory target; at
+    inference a deeper draft only counts when the shallower ones were accepted, i.e. when the
+    token IS the target's own choice, which is the case "text" trains for whenever the target's
+    choice matches the text."""
     head = model.mtp
-    n = ids.shape[1] - 1
+    B, T = ids.shape
+    n = T - 1
     pos0 = torch.arange(n, device=ids.device)
     xs, positions, logits = [], [], []
     cur_hidden, cur_tok = hidden[:, :n], ids[:, 1:]
@@ -77,7 +87,11 @@ def chain_forward(model, hidden: torch.Tensor, ids: torch.Tensor, depth: int,
         logits.append(lg)
         if k + 1 < depth:
             cur_hidden = g if getattr(model, "mtp_hidden", "post") == "post" else u
-            cur_tok = lg.detach().argmax(-1)
+            if tokens == "text":
+                nxt = ids[:, k + 2:]
+                cur_tok = torch.cat([nxt, nxt.new_zeros(B, n - nxt.shape[1])], dim=1)
+            else:
+                cur_tok = lg.detach().argmax(-1)
     return logits
 
 
@@ -100,31 +114,38 @@ def distill_loss(logits: list[torch.Tensor], teacher: torch.Tensor, weights: lis
 
 
 @torch.no_grad()
-def acceptance_counts(logits: list[torch.Tensor], teacher: torch.Tensor) -> tuple[list[int], int]:
-    """Greedy teacher-forced acceptance: the depth-k draft of start t is accepted when it and
-    every shallower draft equal the target's argmax (L[t+j] for depth j). Counts over starts
-    that have a teacher at every depth. Returns (accepted-at-depth counts, number of starts)."""
+def acceptance_counts(logits: list[torch.Tensor], teacher: torch.Tensor, ids: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Greedy teacher-forced acceptance of drafted chains (logits from tokens="draft").
+    The depth-k draft of start t is accepted when it equals the target's argmax L[t+k] and the
+    depth k-1 draft was accepted. The teacher L[t+k] is conditioned on the text, so depth k is
+    only judged where the text agrees with the drafts before it (x[t+j+1] == d_j, j < k): there
+    the prefix the target saw is the drafted one, as in greedy decoding.
+    Returns (accepted counts per depth, eligible counts per depth)."""
     D = len(logits)
     T = teacher.shape[1]
     m = T - D
     tgt = teacher.argmax(-1)  # [B, T]
     ok = torch.ones(teacher.shape[0], m, dtype=torch.bool, device=teacher.device)
-    counts = []
+    acc, elig = [], []
     for k, lg in enumerate(logits, start=1):
-        ok = ok & (lg[:, :m].argmax(-1) == tgt[:, k:k + m])
-        counts.append(int(ok.sum()))
-    return counts, int(teacher.shape[0] * m)
+        d = lg[:, :m].argmax(-1)
+        elig.append(int(ok.sum()))
+        ok = ok & (d == tgt[:, k:k + m])
+        acc.append(int(ok.sum()))
+        if k < D:
+            ok = ok & (ids[:, k + 1:k + 1 + m] == d)
+    return acc, elig
 
 
-def acceptance_rates(counts: list[int], total: int) -> dict:
+def acceptance_rates(accepted: list[int], eligible: list[int]) -> dict:
     """Conditional acceptance per depth (P(depth k accepted | depth k-1 accepted)), the
-    cumulative rates, and the expected tokens per verify at each depth D (1 + sum of cumulative)."""
-    cond, cum = [], []
-    prev = total
-    for c in counts:
-        cond.append(c / prev if prev else 0.0)
-        cum.append(c / total if total else 0.0)
-        prev = c
+    cumulative rates (their running product) and the expected tokens per verify at each depth D
+    (1 + sum of cumulative rates)."""
+    cond = [a / e if e else 0.0 for a, e in zip(accepted, eligible)]
+    cum, c = [], 1.0
+    for x in cond:
+        c *= x
+        cum.append(c)
     tpv = [1.0 + sum(cum[:d]) for d in range(1, len(cum) + 1)]
     return {"by_depth": [round(x, 4) for x in cond], "cumulative": [round(x, 4) for x in cum],
-            "tokens_per_verify": [round(x, 3) for x in tpv], "positions": total}
+            "tokens_per_verify": [round(x, 3) for x in tpv], "positions": eligible[0] if eligible else 0}
