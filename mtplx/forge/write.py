@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from mtplx.checkpoint.config import ModelConfig, load_config
+from mtplx.checkpoint.encode import Encoder, encode_group, is_norm_name
 from mtplx.checkpoint.layout import (EXPERTS_FUSED, EXPERTS_SWITCH, detect_format)
 from mtplx.checkpoint.names import split_key
-from mtplx.checkpoint.norms import ONE_PLUS_W, ZERO_CENTERED, resolve_conventions
-from mtplx.checkpoint.store import (DTYPES, HEAD_EMBEDDED, HEAD_MLX_SIDECAR, HEAD_SIDECAR_DIR, HEAD_SIDECAR_FILE,
+from mtplx.checkpoint.norms import ZERO_CENTERED, resolve_conventions
+from mtplx.checkpoint.store import (DTYPES, HEAD_EMBEDDED, HEAD_MLX_SIDECAR, HEAD_SIDECAR_FILE,
                                     INDEX_NAME, open_store, save_safetensors)
-from mtplx.checkpoint.synthetic import _encode_group, _Encoder
 
 
 def head_canonical(model) -> dict[str, np.ndarray]:
@@ -64,9 +64,8 @@ def head_canonical(model) -> dict[str, np.ndarray]:
 
 def _zero_centred_source(canon: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The synthetic encoder takes norm weights as zero-centred w (it writes w or 1 + w)."""
-    from mtplx.checkpoint.synthetic import _is_norm_name
 
-    return {k: (v - np.float32(1.0) if _is_norm_name(k) else v) for k, v in canon.items()}
+    return {k: (v - np.float32(1.0) if is_norm_name(k) else v) for k, v in canon.items()}
 
 
 def _backbone_dtype(store) -> np.dtype:
@@ -140,9 +139,9 @@ def encode_head(canon: dict[str, np.ndarray], cfg: ModelConfig, plan: dict) -> t
     """canonical head tensors -> file tensors for the plan (and any quant overrides)."""
     expert_layout = {EXPERTS_SWITCH: "mlx", EXPERTS_FUSED: "hf_fused"}.get(plan["experts"], "hf")
     overrides: dict = {}
-    enc = _Encoder(cfg, plan["conv"], plan["prefix"], plan["norm"], plan["dtype"], plan["quant"], overrides, "")
+    enc = Encoder(cfg, plan["conv"], plan["prefix"], plan["norm"], plan["dtype"], plan["quant"], overrides, "")
     src = _zero_centred_source(canon)
-    _encode_group(enc, src, sorted(src), "mtp.", "mtp.", expert_layout)
+    encode_group(enc, src, sorted(src), "mtp.", "mtp.", expert_layout)
     return enc.file, overrides
 
 
