@@ -155,3 +155,19 @@ def test_load_mlx_quantized_layout(tmp_path):
         a = plain.forward_hidden(ids)[2]
         b = our_model("moe").forward_hidden(ids)[2]
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_default_threads_small_model(monkeypatch):
+    """Small CPU models default to 1 torch thread (spin-waiting OpenMP workers on a loaded
+    machine cost 10x); MTPLX_THREADS overrides, OMP_NUM_THREADS leaves torch's choice."""
+    from mtplx.backends.torch.loader import default_threads
+    from test_torch_common import our_model
+
+    m = our_model("dense")
+    monkeypatch.delenv("MTPLX_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert default_threads(m) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert default_threads(m) is None
+    monkeypatch.setenv("MTPLX_THREADS", "3")
+    assert default_threads(m) == 3

@@ -26,7 +26,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["torch", "mlx"], default=None)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for small CPU models, else torch's choice; $MTPLX_THREADS)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -75,6 +75,10 @@ def prepare(args):
                             max_tokens=args.max_tokens, ignore_eos=True)
     params.validate()
     model = mtplx.load(args.model, backend=args.backend, dtype=args.dtype, device=args.device)
+    if args.threads is None and model.backend == "torch":  # small CPU models: 1 thread (see loader)
+        from mtplx.backends.torch.loader import apply_default_threads
+
+        apply_default_threads(model.model)
     return model, params, load_prompts(args)
 
 

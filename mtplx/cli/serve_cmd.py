@@ -79,7 +79,8 @@ def run(args) -> int:
             pass
     try:
         adapter, depth = load_adapter(args.model, backend=args.backend, dtype=args.dtype, depth=args.depth,
-                                      max_context=args.max_context, model_id=args.served_model_name)
+                                      max_context=args.max_context, model_id=args.served_model_name,
+                                      threads=args.threads or None)
     except Exception as e:  # a clear message, no trace, for a model that cannot be loaded
         print(f"error: cannot load model {args.model or '(default)'}: {e}", file=sys.stderr)
         return 1

@@ -52,11 +52,16 @@ class MtplxModelAdapter:
 
 
 def load_adapter(path: str | None, backend: str | None = None, dtype: str | None = None, depth: int | None = None,
-                 max_context: int | None = None, model_id: str | None = None) -> tuple[MtplxModelAdapter, int]:
+                 max_context: int | None = None, model_id: str | None = None,
+                 threads: int | None = None) -> tuple[MtplxModelAdapter, int]:
     """Load a checkpoint (None: the embedded default) -> (adapter, MTP depth to serve with)."""
     import mtplx.api as api
 
     model = api.load(path, backend=backend, dtype=dtype)
+    if model.backend == "torch" and threads is None:  # small CPU models: 1 thread (see loader)
+        from mtplx.backends.torch.loader import apply_default_threads
+
+        apply_default_threads(model.model)
     if depth is None:  # what `mtplx tune` remembered for this model and machine, else 3 with a head
         try:
             from mtplx.tuning import tuned_depth

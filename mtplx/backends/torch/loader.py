@@ -316,3 +316,38 @@ def _check_complete(model: Qwen35Model, filled: set, cfg: ModelConfig) -> None:
 
 
 __all__ = ["load_torch_model", "build_model", "DTYPES"]
+
+
+# Below this many bytes of weights a CPU model runs on ONE torch thread by default: its ops are
+# too small to split (each costs microseconds), and with 2+ OpenMP threads on a shared, loaded
+# machine the workers spin-wait for a busy core. Measured on the embedded default model (15 MB),
+# 2-core machine with a background job: 1 thread 39-112 tok/s, 2 threads 2-11 tok/s.
+SMALL_MODEL_BYTES = 256 * 2**20
+
+
+def default_threads(model) -> int | None:
+    """The torch thread count to use for `model` when the user chose none: 1 for a small CPU
+    model, None (torch's own choice) otherwise or when OMP_NUM_THREADS / MTPLX_THREADS is set
+    (MTPLX_THREADS wins)."""
+    env = os.environ.get("MTPLX_THREADS")
+    if env:
+        return max(1, int(env))
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    try:
+        if model.device.type != "cpu":
+            return None
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+    except Exception:
+        return None
+    return 1 if size < SMALL_MODEL_BYTES else None
+
+
+def apply_default_threads(model) -> int:
+    """Set torch's thread count to `default_threads(model)` when it gives one; returns the count in use."""
+    import torch
+
+    n = default_threads(model)
+    if n is not None:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
