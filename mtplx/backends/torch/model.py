@@ -14,11 +14,18 @@ Two forward paths:
   * linears go through `exact_linear`, which pads the row count to a multiple of the dtype's
     row group (see ROW_GROUP: on x86 MKL a 1-row fp32 matmul, a 2-3 row one and a >=4 row one
     use three different kernels; bf16 gives the same bits for any row count);
-  * attention runs per query row over exactly the keys that row may see;
+  * attention batches the rows per key tile: a row at position p always runs over the first
+    ceil((p+1)/ATTN_TILE)*ATTN_TILE cache slots, later ones masked, so its shapes never depend
+    on the other rows (query rows padded to ROW_GROUP);
   * the GatedDeltaNet recurrence runs token by token (state saved after every position, for
-    rollback), the causal conv is an elementwise sum in a fixed order;
-  * MoE: fp32 router softmax on row-invariant router logits; each expert runs its tokens through
-    `exact_linear`; a token's expert outputs are summed in top-k rank order.
+    rollback) with only the state update in the loop; the causal conv is an elementwise sum in a
+    fixed order; narrow elementwise transcendental ops are zero-padded to 64-wide rows (exact_ew);
+  * MoE: fp32 router softmax on row-invariant router logits. Small blocks (E*I <= DENSE_MOE_MAX_EI)
+    run every expert for every row in two fused matmuls (forward_dense: cost independent of the
+    distinct experts picked, each expert's activation scaled by its routing weight, 0 if not
+    picked); larger ones run each expert's tokens through `exact_linear` and sum a token's
+    expert outputs in top-k rank order. (Measured on the default model: running only the union
+    of picked experts over all rows is faster for decode but slower for verify, so not used.)
 """
 
 from __future__ import annotations
