@@ -196,9 +196,10 @@ class GenerationResult:
         }
 
 
-def _resolve(model: Model, params: SamplingParams | None, depth: int | None) -> tuple[SamplingParams, int]:
-    params = params or SamplingParams()
-    if depth is None:  # what `mtplx tune` kept for this model and machine, else 3 with a head
+def resolve_depth(model: Model, depth: int | None) -> int:
+    """The depth to run: `depth` if given, else what `mtplx tune` kept for this model and machine,
+    else 3 with an MTP head, else 0. A positive depth without a head is a user error."""
+    if depth is None:
         try:
             from mtplx.tuning import tuned_depth
 
@@ -207,12 +208,18 @@ def _resolve(model: Model, params: SamplingParams | None, depth: int | None) -> 
             depth = None
         if depth is None or depth < 0 or (depth > 0 and not model.has_mtp):
             depth = 3 if model.has_mtp else 0
+    if depth < 0:
+        raise ValueError(f"depth must be >= 0, got {depth}")
     if depth > 0 and not model.has_mtp:
         raise ValueError(
             f"depth {depth} needs an MTP head and {model.path or 'this model'} has none: "
             f"use depth 0, or graft a head (mtplx graft)"
         )
-    return params, depth
+    return depth
+
+
+def _resolve(model: Model, params: SamplingParams | None, depth: int | None) -> tuple[SamplingParams, int]:
+    return params or SamplingParams(), resolve_depth(model, depth)
 
 
 def stream_generate(model: Model, prompt: str | list, params: SamplingParams | None = None,

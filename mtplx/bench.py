@@ -155,7 +155,7 @@ def format_table(report: BenchReport, title: str = "mtplx bench"):
     from rich.table import Table
 
     t = Table(title=title)
-    for col in ("depth", "tok/s", "speedup", "acceptance by depth", "tokens/verify", "prompt tok/s", "identical"):
+    for col in ("depth", "tok/s", "speedup", "acceptance", "tok/verify", "prompt tok/s", "identical"):
         t.add_column(col, justify="right")
     base = report.base_tps
     for d in sorted(report.results):

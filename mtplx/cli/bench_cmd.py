@@ -27,6 +27,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for small CPU models, else torch's choice; $MTPLX_THREADS)")
+    p.add_argument("--quantize", choices=["int8"], default=None, help="torch: weight-only int8 on load")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -74,7 +75,8 @@ def prepare(args):
     params = SamplingParams(temperature=args.temp, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             max_tokens=args.max_tokens, ignore_eos=True)
     params.validate()
-    model = mtplx.load(args.model, backend=args.backend, dtype=args.dtype, device=args.device)
+    options = {"quantize": args.quantize} if args.quantize else {}
+    model = mtplx.load(args.model, backend=args.backend, dtype=args.dtype, device=args.device, **options)
     if args.threads is None and model.backend == "torch":  # small CPU models: 1 thread (see loader)
         from mtplx.backends.torch.loader import apply_default_threads
 

@@ -53,29 +53,16 @@ class MtplxModelAdapter:
 
 def load_adapter(path: str | None, backend: str | None = None, dtype: str | None = None, depth: int | None = None,
                  max_context: int | None = None, model_id: str | None = None,
-                 threads: int | None = None) -> tuple[MtplxModelAdapter, int]:
+                 threads: int | None = None, **load_options) -> tuple[MtplxModelAdapter, int]:
     """Load a checkpoint (None: the embedded default) -> (adapter, MTP depth to serve with)."""
     import mtplx.api as api
 
-    model = api.load(path, backend=backend, dtype=dtype)
+    model = api.load(path, backend=backend, dtype=dtype, **load_options)
     if model.backend == "torch" and threads is None:  # small CPU models: 1 thread (see loader)
         from mtplx.backends.torch.loader import apply_default_threads
 
         apply_default_threads(model.model)
-    if depth is None:  # what `mtplx tune` remembered for this model and machine, else 3 with a head
-        try:
-            from mtplx.tuning import tuned_depth
-
-            depth = tuned_depth(model)
-        except Exception:  # no tuning module or unreadable cache: the default
-            depth = None
-        if depth is None or (depth > 0 and not model.has_mtp):
-            depth = 3 if model.has_mtp else 0
-    if depth < 0:
-        raise ValueError(f"--depth must be >= 0, got {depth}")
-    if depth > 0 and not model.has_mtp:
-        raise ValueError(f"--depth {depth} needs an MTP head and {model.path} has none: use --depth 0, "
-                         f"or graft a head (mtplx graft)")
+    depth = api.resolve_depth(model, depth)
     return MtplxModelAdapter(model, max_context=max_context, model_id=model_id), depth
 
 
