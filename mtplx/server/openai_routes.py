@@ -136,34 +136,44 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     })
 
 
-async def _chat_stream(job, cid, created, model_id, include_usage, path):
-    def chunk(delta: dict, finish: str | None = None, **extra) -> dict:
-        c: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id,
-                             "system_fingerprint": None,
-                             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+async def _openai_stream(job, cid, created, model_id, include_usage, path, obj: str, choice, first=None):
+    """SSE for both OpenAI endpoints: `obj` is the chunk object name, `choice(text, finish)` the
+    endpoint's choice body; `first` an optional opening choice (chat sends the role first)."""
+    def chunk(choice_body: dict, **extra) -> dict:
+        c: dict[str, Any] = {"id": cid, "object": obj, "created": created, "model": model_id,
+                             "system_fingerprint": None, "choices": [{"index": 0, **choice_body}]}
         if include_usage:
             c["usage"] = None
         c.update(extra)
         return c
 
-    yield sse_data(chunk({"role": "assistant", "content": ""}))
+    if first is not None:
+        yield sse_data(chunk(first))
     n = 0
     try:
         async for ev in job_events(job):
             if isinstance(ev, StepEvent):
                 n += len(ev.step.token_ids)
                 if ev.step.text:
-                    yield sse_data(chunk({"content": ev.step.text}))
+                    yield sse_data(chunk(choice(ev.step.text, None)))
             elif isinstance(ev, DoneEvent):
-                yield sse_data(chunk({}, _finish(ev.finish_reason), timings=timings(ev.stats)))
+                yield sse_data(chunk(choice("", _finish(ev.finish_reason)), timings=timings(ev.stats)))
                 if include_usage:
-                    yield sse_data({"id": cid, "object": "chat.completion.chunk", "created": created,
-                                    "model": model_id, "system_fingerprint": None, "choices": [],
+                    yield sse_data({"id": cid, "object": obj, "created": created, "model": model_id,
+                                    "system_fingerprint": None, "choices": [],
                                     "usage": _usage(len(job.prompt_ids), ev.stats.generated_tokens or n),
                                     "timings": timings(ev.stats)})
     except APIError as e:
         yield sse_data(error_body(path, e.status, e.message))
     yield "data: [DONE]\n\n"
+
+
+def _chat_stream(job, cid, created, model_id, include_usage, path):
+    def choice(text, finish):
+        return {"delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": finish}
+
+    first = {"delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+    return _openai_stream(job, cid, created, model_id, include_usage, path, "chat.completion.chunk", choice, first)
 
 
 @router.post("/v1/completions")
@@ -202,30 +212,8 @@ async def completions(body: CompletionRequest, request: Request):
     })
 
 
-async def _completion_stream(job, cid, created, model_id, include_usage, path):
-    def chunk(text: str, finish: str | None = None, **extra) -> dict:
-        c: dict[str, Any] = {"id": cid, "object": "text_completion", "created": created, "model": model_id,
-                             "system_fingerprint": None,
-                             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
-        if include_usage:
-            c["usage"] = None
-        c.update(extra)
-        return c
+def _completion_stream(job, cid, created, model_id, include_usage, path):
+    def choice(text, finish):
+        return {"text": text, "logprobs": None, "finish_reason": finish}
 
-    n = 0
-    try:
-        async for ev in job_events(job):
-            if isinstance(ev, StepEvent):
-                n += len(ev.step.token_ids)
-                if ev.step.text:
-                    yield sse_data(chunk(ev.step.text))
-            elif isinstance(ev, DoneEvent):
-                yield sse_data(chunk("", _finish(ev.finish_reason), timings=timings(ev.stats)))
-                if include_usage:
-                    yield sse_data({"id": cid, "object": "text_completion", "created": created, "model": model_id,
-                                    "system_fingerprint": None, "choices": [],
-                                    "usage": _usage(len(job.prompt_ids), ev.stats.generated_tokens or n),
-                                    "timings": timings(ev.stats)})
-    except APIError as e:
-        yield sse_data(error_body(path, e.status, e.message))
-    yield "data: [DONE]\n\n"
+    return _openai_stream(job, cid, created, model_id, include_usage, path, "text_completion", choice)
