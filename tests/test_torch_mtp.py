@@ -158,3 +158,29 @@ def test_hidden_source_pre_differs_and_is_selectable():
     assert not torch.allclose(a, b)
     with pytest.raises(ValueError):
         m.new_session(hidden_source="middle")
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe", "next"])
+def test_few_rows_drafting_path_matches_parallel_path(kind, monkeypatch):
+    """The lean drafting path (one row: only the picked experts; a few rows: fused dense MoE)
+    computes the same function as the parallel path, row by row and in small groups."""
+    from mtplx.backends.torch import mtp as mtp_mod
+    from mtplx.backends.torch.cache import AttnCache
+
+    m = our_model(kind)
+    cfg = m.cfg
+    ids = prompt(12, seed=61)
+    with torch.no_grad():
+        post = m.forward_hidden(torch.tensor([ids]))[0][0]
+    outs = {}
+    for few_max in (0, mtp_mod.FEW_ROWS_MAX):
+        monkeypatch.setattr(mtp_mod, "FEW_ROWS_MAX", few_max)
+        c = AttnCache(cfg.num_key_value_heads, cfg.head_dim, m.dtype, m.device, 64)
+        rows, pos = [], 0
+        with torch.inference_mode():
+            for n in (5, 1, 1, 3, 1):  # prompt pairs, then drafting-sized groups
+                rows.append(m.mtp.rows(post[pos:pos + n], torch.tensor(ids[pos + 1:pos + n + 1]), pos, c))
+                pos += n
+        outs[few_max] = [torch.cat(x) for x in zip(*rows)]  # g, u, logits over the 11 pairs
+    for a, b in zip(outs[0], outs[mtp_mod.FEW_ROWS_MAX]):
+        assert torch.allclose(a, b, atol=2e-5, rtol=1e-5), (a - b).abs().max()

@@ -119,6 +119,9 @@ def rowmm_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 PLAIN = Ops(plain_linear, plain_ew)
+# The MTP head's drafting rows: the exact path's few-row code (fused dense MoE, no per-expert
+# gather) without its padding. Drafts need no bit-exactness (verify decides every token), only speed.
+FEW_ROWS = Ops(plain_linear, plain_ew)
 EXACT = Ops(exact_linear, exact_ew)  # pure torch: row padding (ROW_GROUP)
 EXACT_ROWMM = Ops(rowmm_linear, exact_ew)  # compiled fixed-order kernel
 KERNELS = {"torch": EXACT, "rowmm": EXACT_ROWMM}
@@ -537,7 +540,19 @@ class MoE(nn.Module):
             a = (a * wfull[:, :, None]).reshape(N, (E + 1) * I)
         return ops.lin(a, w2)
 
+    def forward_one(self, x):
+        """One row, only the picked experts' weights read (drafting: a memory-bound CPU pays for
+        every expert matrix it touches). Plain numerics. x [1, H] -> [1, H]."""
+        w, idx = self.route(x)  # [1, k]
+        out = torch.sigmoid(plain_linear(x, self.shared_gate)) * self.shared(x)
+        for j, e in enumerate(idx[0].tolist()):
+            gu = F.linear(x, self.gate_up[e])  # [1, 2I]
+            out = out + w[:, j:j + 1] * F.linear(F.silu(gu[:, :self.I]) * gu[:, self.I:], self.down[e])
+        return out
+
     def forward(self, x, ops: Ops = PLAIN):  # x [N, H] -> [N, H]
+        if ops is FEW_ROWS and x.shape[0] == 1 and isinstance(self.gate_up, torch.Tensor):
+            return self.forward_one(x)
         if ops is not PLAIN:
             f = self._fused()
             if f is not None:
