@@ -56,7 +56,8 @@ class SessionBase:
         raise NotImplementedError
 
     def _head_rows(self, hid, ids, head_pos: int):
-        """Head forward over rows (hid [n, H], ids [n]) at head positions head_pos.. -> (g, u, logits)."""
+        """Head forward over rows (hid [n, H], ids [n]) at head positions head_pos.. -> (g, u, logits);
+        only the last row of logits is used (a backend may return just that one)."""
         raise NotImplementedError
 
     def _materialize(self, *arrays) -> None:  # lazy backends evaluate here

@@ -81,18 +81,19 @@ class MtpHead(nn.Module):
     def forward(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
         return self.forward_train(hidden, next_ids)
 
-    def rows(self, hidden: torch.Tensor, next_ids: torch.Tensor, pos0: int, cache):
+    def rows(self, hidden: torch.Tensor, next_ids: torch.Tensor, pos0: int, cache, last_logits: bool = False):
         """Inference: pairs (hidden [T, H], next_ids [T]) at head positions pos0..pos0+T-1, with
         the head's KV cache (`AttnCache`) holding positions < pos0. Writes T entries.
-        -> (g [T, H] post mtp.norm, u [T, H] pre mtp.norm, logits [T, V])."""
+        -> (g [T, H] post mtp.norm, u [T, H] pre mtp.norm, logits [T, V]; [1, V] of the last row
+        when last_logits: drafting reads only that one)."""
         if hidden.shape[0] <= FEW_ROWS_MAX:
-            return self._few_rows(hidden, next_ids, pos0, cache)
+            return self._few_rows(hidden, next_ids, pos0, cache, last_logits)
         u = self._fc_in(hidden, next_ids)[None]
         u = self.layers[0](u, self.target.rope, pos0, cache)[0]
         g = rms_norm(u, self.norm, self.eps)
-        return g, u, self.target.logits(g)
+        return g, u, self.target.logits(g[-1:] if last_logits else g)
 
-    def _few_rows(self, hidden: torch.Tensor, next_ids: torch.Tensor, pos0: int, cache):
+    def _few_rows(self, hidden: torch.Tensor, next_ids: torch.Tensor, pos0: int, cache, last_logits: bool):
         """`rows` for a few rows, as few torch ops as possible: a draft step costs a few dozen
         small ops, so their count (not FLOPs) sets the drafting cost on CPU. Same function as
         the parallel path up to float rounding (drafts need no bit-exactness: verify decides).
@@ -126,7 +127,7 @@ class MtpHead(nn.Module):
         u = u + plain_linear(o, att.o_proj)
         u = u + layer.mlp(fast_rms_norm(u, layer.post_norm, eps), FEW_ROWS)
         g = fast_rms_norm(u, self.norm, eps)
-        return g, u, target.logits(g)
+        return g, u, target.logits(g[-1:] if last_logits else g)
 
 
 __all__ = ["MtpHead"]
