@@ -139,6 +139,11 @@ def load(path: str | Path | None = None, backend: str | None = None, dtype: str 
         return Model("torch", m, cfg, tokenizer, path, str(m.dtype).replace("torch.", ""), str(device))
     from mtplx.backends.mlx import default_dtype, device_name, load_mlx_model
 
+    torch_only = sorted(set(options) & {"quantize", "kernel", "draft_lm_head"})
+    if torch_only:
+        raise ValueError(f"{', '.join(torch_only)}: torch backend options; the MLX backend takes "
+                         f"quantized checkpoints as they are (drop the option or use --backend torch)")
+
     m = load_mlx_model(path, dtype=dtype or default_dtype(), config=cfg, **options)
     return Model("mlx", m, cfg, tokenizer, path, str(m.dtype).replace("mlx.core.", ""), device_name())
 

@@ -109,6 +109,14 @@ def test_session_drafts_follow_formula():
     """draft(D) after a prefill and a few verify/commit cycles: the first draft comes from the
     verified hiddens (head cache rebuilt), later drafts feed the head's own post-norm output."""
     m = our_model("dense")
+    assert m.mtp.set_draft_lm_head("full") == "full"  # the reference drafts with exact logits
+    try:
+        _check_session_drafts(m)
+    finally:
+        m.mtp.set_draft_lm_head("auto")
+
+
+def _check_session_drafts(m):
     greedy = SamplingParams()
     p = prompt(8, seed=41)
     s = m.new_session()
@@ -184,3 +192,32 @@ def test_few_rows_drafting_path_matches_parallel_path(kind, monkeypatch):
         outs[few_max] = [torch.cat(x) for x in zip(*rows)]  # g, u, logits over the 11 pairs
     for a, b in zip(outs[0], outs[mtp_mod.FEW_ROWS_MAX]):
         assert torch.allclose(a, b, atol=2e-5, rtol=1e-5), (a - b).abs().max()
+
+
+def test_int8_draft_lm_head_tracks_full_precision():
+    """The int8 draft lm_head ("auto" on CPU) drafts nearly the same tokens as full precision;
+    a bad mode is refused; greedy MTP output is depth 0's whatever the draft precision."""
+    from mtplx.decoding.loop import generate_steps
+
+    m = our_model("moe")
+    assert m.mtp.set_draft_lm_head("auto") == "int8" and m.mtp.draft_lm_head == "int8"
+    g = torch.randn(256, m.cfg.hidden_size) * 3
+    with torch.no_grad():
+        full = m.logits(g)
+        q8 = m.mtp._draft_logits(g)
+    agree = (full.argmax(-1) == q8.argmax(-1)).float().mean().item()
+    assert agree > 0.95, agree
+    assert (full - q8).abs().max() < 0.05 * full.abs().max()
+    with pytest.raises(ValueError, match="draft_lm_head"):
+        m.mtp.set_draft_lm_head("fp4")
+    ids = prompt(12, seed=71)
+    outs = {}
+    try:
+        for mode in ("full", "int8"):
+            m.mtp.set_draft_lm_head(mode)
+            for depth in (0, 3):
+                steps = generate_steps(m.new_session(), ids, SamplingParams(max_tokens=24, ignore_eos=True), depth)
+                outs[mode, depth] = [st.token_id for st in steps]
+    finally:
+        m.mtp.set_draft_lm_head("auto")
+    assert outs["full", 3] == outs["full", 0] == outs["int8", 3] == outs["int8", 0]

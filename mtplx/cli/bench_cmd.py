@@ -28,6 +28,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for small CPU models, else torch's choice; $MTPLX_THREADS)")
     p.add_argument("--quantize", choices=["int8"], default=None, help="torch: weight-only int8 on load")
+    p.add_argument("--draft-lm-head", choices=["auto", "int8", "full"], default=None,
+                   help="torch: lm_head precision of MTP drafting (auto: int8 on CPU; drafts only, output stays exact)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -76,6 +78,8 @@ def prepare(args):
                             max_tokens=args.max_tokens, ignore_eos=True)
     params.validate()
     options = {"quantize": args.quantize} if args.quantize else {}
+    if args.draft_lm_head:
+        options["draft_lm_head"] = args.draft_lm_head
     model = mtplx.load(args.model, backend=args.backend, dtype=args.dtype, device=args.device, **options)
     if args.threads is None and model.backend == "torch":  # small CPU models: 1 thread (see loader)
         from mtplx.backends.torch.loader import apply_default_threads

@@ -41,6 +41,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="torch: weight-only int8 on load (faster CPU decode; still exact MTP vs depth 0)")
+    p.add_argument("--draft-lm-head", choices=["auto", "int8", "full"], default=None,
+                   help="torch: lm_head precision of MTP drafting (auto: int8 on CPU; drafts only, output stays exact)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for small CPU models, else torch's choice; $MTPLX_THREADS)")
     p.add_argument("--compare", action="store_true",
                    help="also run plain decoding (depth 0) on the same prompt and report the speedup")
@@ -74,6 +76,8 @@ def run(args) -> int:
 
         torch.set_num_threads(args.threads)
     options = {"quantize": args.quantize} if args.quantize else {}
+    if args.draft_lm_head:
+        options["draft_lm_head"] = args.draft_lm_head
     model = mtplx.load(args.model, backend=args.backend, dtype=args.dtype, device=args.device, **options)
     if args.threads is None and model.backend == "torch":  # small CPU models: 1 thread (see loader)
         from mtplx.backends.torch.loader import apply_default_threads

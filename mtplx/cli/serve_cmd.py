@@ -46,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the torch backend (default: torch's)")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="torch: weight-only int8 on load (faster CPU decode; still exact MTP vs depth 0)")
+    p.add_argument("--draft-lm-head", choices=["auto", "int8", "full"], default=None,
+                   help="torch: lm_head precision of MTP drafting (auto: int8 on CPU; drafts only, output stays exact)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -83,7 +85,8 @@ def run(args) -> int:
         adapter, depth = load_adapter(args.model, backend=args.backend, dtype=args.dtype, depth=args.depth,
                                       max_context=args.max_context, model_id=args.served_model_name,
                                       threads=args.threads or None,
-                                      **({"quantize": args.quantize} if args.quantize else {}))
+                                      **({"quantize": args.quantize} if args.quantize else {}),
+                                      **({"draft_lm_head": args.draft_lm_head} if args.draft_lm_head else {}))
     except Exception as e:  # a clear message, no trace, for a model that cannot be loaded
         print(f"error: cannot load model {args.model or '(default)'}: {e}", file=sys.stderr)
         return 1

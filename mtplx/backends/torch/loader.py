@@ -187,11 +187,12 @@ def _checkpoint_bytes(path: Path) -> int:
 def load_torch_model(source, dtype=torch.bfloat16, device="cpu", *, config: ModelConfig | None = None,
                      include_mtp: bool = True, progress: bool | None = None, mtp_hidden: str = "post",
                      source_norm_convention="auto", kernel: str | None = None,
-                     quantize: str | None = None) -> Qwen35Model:
+                     quantize: str | None = None, draft_lm_head: str = "auto") -> Qwen35Model:
     """Load a model from a checkpoint folder, a canonical (name, array) iterable, or a raw tensor
     mapping (+ config). Returns an eval-mode Qwen35Model with `model.mtp` set when the checkpoint
     has a head (and include_mtp). kernel: exact-path linears, "torch" (default, or $MTPLX_KERNEL),
-    "rowmm" (compiled fixed-order CPU kernel, built once on first use) or "auto"."""
+    "rowmm" (compiled fixed-order CPU kernel, built once on first use) or "auto". draft_lm_head:
+    the lm_head precision the MTP head drafts with, "auto" | "int8" | "full" (MtpHead.set_draft_lm_head)."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} not supported; use one of {sorted(DTYPES)}")
@@ -288,6 +289,8 @@ def load_torch_model(source, dtype=torch.bfloat16, device="cpu", *, config: Mode
         quantize_int8(model)
     kernel = kernel or os.environ.get("MTPLX_KERNEL", "torch")
     model.set_kernel(kernel)
+    if model.mtp is not None:
+        model.mtp.set_draft_lm_head(draft_lm_head)
     return model
 
 

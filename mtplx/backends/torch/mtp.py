@@ -51,6 +51,7 @@ class MtpHead(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, FULL_ATTENTION, cfg.mtp_is_moe) for _ in range(n_layers))
         self.norm = nn.Parameter(torch.ones(H, dtype=torch.float32))
         self.__dict__["_target"] = None
+        self.__dict__["_draft_lm"] = None  # Int8Weight copy of the target's lm_head, or None
 
     def attach(self, target) -> None:
         """Share `target`'s embedding, lm_head and RoPE (not registered as a submodule)."""
@@ -61,6 +62,34 @@ class MtpHead(nn.Module):
         if self._target is None:
             raise RuntimeError("MtpHead is not attached to a target model (call head.attach(model))")
         return self._target
+
+    def set_draft_lm_head(self, mode: str) -> str:
+        """Precision of the lm_head when drafting: "full" (the target's own matrix) or "int8" (a
+        per-row int8 copy: a quarter of the bytes to stream per draft step, where a CPU is
+        memory-bound). "auto": int8 on CPU, full elsewhere. Drafts only: verify and every emitted
+        token keep the target's exact logits, so this can change acceptance, never the output.
+        Returns the mode in use."""
+        if mode not in ("auto", "int8", "full"):
+            raise ValueError(f"draft_lm_head must be 'auto', 'int8' or 'full', got {mode!r}")
+        w = self.target.head_weight()
+        if mode == "auto":
+            mode = "int8" if w.device.type == "cpu" else "full"
+        if mode == "int8":
+            from .int8 import Int8Weight
+
+            self.__dict__["_draft_lm"] = w if isinstance(w, Int8Weight) else Int8Weight.from_float(w)
+        else:
+            self.__dict__["_draft_lm"] = None
+        return mode
+
+    @property
+    def draft_lm_head(self) -> str:
+        return "full" if self._draft_lm is None else "int8"
+
+    def _draft_logits(self, g: torch.Tensor) -> torch.Tensor:  # g [n, H] -> [n, V]
+        if self._draft_lm is None:
+            return self.target.logits(g)
+        return self._draft_lm.linear(g)
 
     def _fc_in(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
         """hidden [..., H], next_ids [...] -> u [..., H]."""
@@ -81,19 +110,19 @@ class MtpHead(nn.Module):
     def forward(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
         return self.forward_train(hidden, next_ids)
 
-    def rows(self, hidden: torch.Tensor, next_ids: torch.Tensor, pos0: int, cache, last_logits: bool = False):
+    def rows(self, hidden: torch.Tensor, next_ids: torch.Tensor, pos0: int, cache, drafting: bool = False):
         """Inference: pairs (hidden [T, H], next_ids [T]) at head positions pos0..pos0+T-1, with
         the head's KV cache (`AttnCache`) holding positions < pos0. Writes T entries.
-        -> (g [T, H] post mtp.norm, u [T, H] pre mtp.norm, logits [T, V]; [1, V] of the last row
-        when last_logits: drafting reads only that one)."""
+        -> (g [T, H] post mtp.norm, u [T, H] pre mtp.norm, logits [T, V]). drafting: logits of the
+        last row only ([1, V], the one a draft reads), through the draft lm_head."""
         if hidden.shape[0] <= FEW_ROWS_MAX:
-            return self._few_rows(hidden, next_ids, pos0, cache, last_logits)
+            return self._few_rows(hidden, next_ids, pos0, cache, drafting)
         u = self._fc_in(hidden, next_ids)[None]
         u = self.layers[0](u, self.target.rope, pos0, cache)[0]
         g = rms_norm(u, self.norm, self.eps)
-        return g, u, self.target.logits(g[-1:] if last_logits else g)
+        return g, u, (self._draft_logits(g[-1:]) if drafting else self.target.logits(g))
 
-    def _few_rows(self, hidden: torch.Tensor, next_ids: torch.Tensor, pos0: int, cache, last_logits: bool):
+    def _few_rows(self, hidden: torch.Tensor, next_ids: torch.Tensor, pos0: int, cache, drafting: bool):
         """`rows` for a few rows, as few torch ops as possible: a draft step costs a few dozen
         small ops, so their count (not FLOPs) sets the drafting cost on CPU. Same function as
         the parallel path up to float rounding (drafts need no bit-exactness: verify decides).
@@ -127,7 +156,7 @@ class MtpHead(nn.Module):
         u = u + plain_linear(o, att.o_proj)
         u = u + layer.mlp(fast_rms_norm(u, layer.post_norm, eps), FEW_ROWS)
         g = fast_rms_norm(u, self.norm, eps)
-        return g, u, target.logits(g[-1:] if last_logits else g)
+        return g, u, (self._draft_logits(g[-1:]) if drafting else target.logits(g))
 
 
 __all__ = ["MtpHead"]

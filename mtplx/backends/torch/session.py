@@ -34,7 +34,7 @@ class TorchSession(SessionBase):
         return torch.cat(arrays)
 
     def _head_rows(self, hid, ids, head_pos: int):
-        return self.model.mtp.rows(hid, ids, head_pos, self.head_cache, last_logits=True)
+        return self.model.mtp.rows(hid, ids, head_pos, self.head_cache, drafting=True)
 
 
 # every protocol call runs without autograd bookkeeping
