@@ -75,8 +75,10 @@ def make_tables(V, params, seed, greedy_draft=False):
     return P, Q, draft_logits
 
 
-def simulate(P, Q, draft_logits, start, D, L, accept_fn, seed, greedy_draft=False, n=N_DRAWS):
-    """-> out [n, L] emitted tokens, first-cycle n_accepted [n]."""
+def simulate(P, Q, draft_logits, start, D, L, accept_fn, seed, greedy_draft=False, n=N_DRAWS, cutoff=0.0):
+    """-> out [n, L] emitted tokens, first-cycle n_accepted [n]. cutoff > 0: adaptive draft
+    length as in SessionBase.draft (a row stops drafting once the product of its drafts' head
+    probabilities falls below cutoff; the draft that crossed it is still verified)."""
     g = np.random.default_rng(seed)
     outs, firsts = [], []
     for c0 in range(0, n, CHUNK):
@@ -100,7 +102,22 @@ def simulate(P, Q, draft_logits, start, D, L, accept_fn, seed, greedy_draft=Fals
             drafted = np.stack(drafts, 1) if D else np.zeros((len(act), 0), dtype=np.int64)
             prows = P[np.concatenate([last[act][:, None], drafted], 1)]  # [a, D+1, V]
             q = None if (greedy_draft or D == 0) else np.stack(qrows, 1)
-            n_acc, nxt = accept_fn(prows, drafted, q, g.random((len(act), D)), g.random(len(act)))
+            ua, us = g.random((len(act), D)), g.random(len(act))
+            if cutoff > 0 and D > 1:
+                head = np.exp(draft_logits - draft_logits.max(-1, keepdims=True))
+                head /= head.sum(-1, keepdims=True)
+                src = np.concatenate([last[act][:, None], drafted[:, :-1]], 1)  # row each draft came from
+                conf = (head if greedy_draft else Q)[src, drafted]  # [a, D]
+                d_eff = 1 + (np.cumprod(conf[:, :-1], 1) >= cutoff).sum(1)
+                n_acc, nxt = np.zeros(len(act), dtype=np.int64), np.zeros(len(act), dtype=np.int64)
+                for de in np.unique(d_eff):
+                    r = np.flatnonzero(d_eff == de)
+                    a_, n_ = accept_fn(prows[r, :de + 1], drafted[r, :de], None if q is None else q[r, :de],
+                                       ua[r, :de], us[r])
+                    n_acc[r], nxt[r] = np.asarray(a_), np.asarray(n_)
+                    drafted[r, de:] = -1  # never emitted: n_acc <= de
+            else:
+                n_acc, nxt = accept_fn(prows, drafted, q, ua, us)
             n_acc = np.asarray(n_acc)
             if first is None:
                 first = n_acc.copy()
@@ -183,6 +200,22 @@ def test_acceptance_is_lossless(impl, cfg):
     fn = numpy_accept if impl == "numpy" else torch_accept
     fails = check_all(P, Q, dl, start=cfg % V, D=D, L=D + 2, accept_fn=fn, seed=7 + cfg, greedy_draft=greedy_draft)
     assert not fails, f"{impl} config {cfg}: " + "; ".join(fails)
+
+
+@pytest.mark.parametrize("cfg", [2, 3, 4])
+def test_adaptive_draft_length_is_lossless(cfg):
+    """Stopping a cycle's drafting on the head's own confidence (params.draft_cutoff) keeps the
+    output distribution: the stopping rule only looks at drafts already made."""
+    V, D, params, greedy_draft = CONFIGS[cfg]
+    P, Q, dl = make_tables(V, params, seed=100 + cfg)
+    out, _ = simulate(P, Q, dl, cfg % V, D, D + 2, torch_accept, seed=11 + cfg, greedy_draft=greedy_draft,
+                      cutoff=0.3)
+    m = np.zeros(V)
+    m[cfg % V] = 1.0
+    for j in range(D + 2):
+        m = m @ P
+        ok, detail = distribution_ok(out[:, j], m)
+        assert ok, f"config {cfg} position {j}: {detail}"
 
 
 @pytest.mark.parametrize("control", [always_accept, residual_is_p], ids=["always_accept", "residual_is_p"])

@@ -221,3 +221,22 @@ def test_int8_draft_lm_head_tracks_full_precision():
     finally:
         m.mtp.set_draft_lm_head("auto")
     assert outs["full", 3] == outs["full", 0] == outs["int8", 3] == outs["int8", 0]
+
+
+def test_adaptive_draft_length_keeps_greedy_output():
+    """draft_cutoff stops doubtful drafting paths early: fewer drafts reach the deep positions,
+    and greedy output stays exactly depth 0's."""
+    from mtplx.decoding.loop import generate_steps
+
+    m = our_model("moe")
+    ids = prompt(12, seed=81)
+    runs = {}
+    for depth, cutoff in ((0, 0.0), (4, 0.0), (4, 0.5)):
+        steps = list(generate_steps(m.new_session(), ids, SamplingParams(max_tokens=32, ignore_eos=True,
+                                                                          draft_cutoff=cutoff), depth))
+        runs[depth, cutoff] = ([st.token_id for st in steps], steps[-1].stats)
+    assert runs[4, 0.5][0] == runs[4, 0.0][0] == runs[0, 0.0][0]
+    full, cut = runs[4, 0.0][1], runs[4, 0.5][1]
+    assert sum(cut.drafted) < sum(full.drafted)
+    with pytest.raises(ValueError, match="draft_cutoff"):
+        SamplingParams(draft_cutoff=1.5).validate()

@@ -58,7 +58,8 @@ class Session(Protocol):
         """Sample the first generated token from the last prompt position's logits."""
 
     def draft(self, depth: int, params: SamplingParams, rng: Any) -> tuple[list[int], Any]:
-        """Draft `depth` tokens with the MTP head; returns ids and opaque draft probs q."""
+        """Draft up to `depth` tokens with the MTP head (fewer when params.draft_cutoff stops a
+        doubtful path); returns ids and opaque draft probs q."""
 
     def verify(self, drafted: list[int]) -> Any:
         """Feed [last, *drafted] to the target in one pass; opaque logits for len+1 rows."""

@@ -14,7 +14,8 @@ h[t] = target hidden at position t (it predicts x[t+1]); the head predicts x[t+2
 
 A backend subclass supplies the array hooks: `_ids`, `_cat`, `_head_rows`, `_materialize`,
 `_drop_draft_head_entries`, `make_rng`, and the `sampling` module with sample / draft_token /
-stack_draft_probs / accept.
+draft_prob / stack_draft_probs / accept. `draft` may return fewer than `depth` tokens
+(params.draft_cutoff: adaptive draft length).
 """
 
 from __future__ import annotations
@@ -133,10 +134,15 @@ class SessionBase:
         base = self.head_len + len(self._pend_x)  # == pos: head position of the pair (h[pos-1], last)
         g, u, logits = self._run_head()
         drafted, rows = [], []
+        confidence = 1.0
         for j in range(depth):
             tok, q = self.sampling.draft_token(logits, params, rng)
             drafted.append(tok)
             rows.append(q)
+            if params.draft_cutoff > 0 and j + 1 < depth:  # adaptive length: stop on a doubtful path
+                confidence *= self.sampling.draft_prob(logits, tok, q)
+                if confidence < params.draft_cutoff:
+                    break
             if j + 1 < depth:  # draft-time entry at head position base + j (dropped at commit)
                 g, u, lg = self._head_rows(self._hid(g, u), self._ids([tok]), base + j)
                 logits = lg[-1]

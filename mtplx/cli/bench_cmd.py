@@ -19,6 +19,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-file", default=None, help="prompts separated by lines holding only '---'")
     p.add_argument("--max-tokens", "-n", type=int, default=128, help="tokens per run (default 128)")
     p.add_argument("--temp", "--temperature", dest="temp", type=float, default=0.0, help="temperature (0 = greedy)")
+    p.add_argument("--draft-cutoff", type=float, default=0.0, metavar="P",
+                   help="adaptive draft length: stop drafting once the head's path confidence < P (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled runs (default 0)")
@@ -75,6 +77,7 @@ def prepare(args):
 
         torch.set_num_threads(args.threads)
     params = SamplingParams(temperature=args.temp, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                            draft_cutoff=args.draft_cutoff,
                             max_tokens=args.max_tokens, ignore_eos=True)
     params.validate()
     options = {"quantize": args.quantize} if args.quantize else {}

@@ -35,6 +35,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); never printed")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
     p.add_argument("--greedy-draft", action="store_true", help="at temp > 0, draft with argmax (still exact)")
+    p.add_argument("--draft-cutoff", type=float, default=0.0, metavar="P",
+                   help="adaptive draft length: stop a cycle's drafting once the head's confidence in its path "
+                        "falls below P (0 = always draft --depth tokens; output stays exact)")
     p.add_argument("--backend", choices=["torch", "mlx"], default=None, help="array backend (default: per platform)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
@@ -63,7 +66,7 @@ def run(args) -> int:
     params = SamplingParams(
         temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
         max_tokens=args.max_tokens, stop=list(args.stop), ignore_eos=args.ignore_eos,
-        greedy_draft=args.greedy_draft,
+        greedy_draft=args.greedy_draft, draft_cutoff=args.draft_cutoff,
     )
     params.validate()
     if args.depth is not None and args.depth < 0:

@@ -24,6 +24,10 @@ class SamplingParams:
     # temperature > 0 only: draft with argmax of the head (q one-hot) instead of sampling
     # from the filtered head distribution. Both are exact; sampling usually accepts more.
     greedy_draft: bool = False
+    # adaptive draft length: a cycle stops drafting once the head's confidence in its path (the
+    # product of its draft tokens' probabilities) falls below this; 0 = always draft `depth`.
+    # The stopping rule only looks at drafts already made, so output stays exact.
+    draft_cutoff: float = 0.0
 
     @property
     def greedy(self) -> bool:
@@ -45,5 +49,7 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids}")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        if not 0.0 <= self.draft_cutoff < 1.0:
+            raise ValueError(f"draft_cutoff must be in [0, 1) (0 = off), got {self.draft_cutoff}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")

@@ -1,6 +1,6 @@
 """Step 5: measure the shipped default model end to end with the engine (`mtplx.generate`).
 
-    python recipes/default_model/evaluate.py [--prompts 8] [--max-tokens 64]
+    python recipes/default_model/evaluate.py [--prompts 16] [--max-tokens 96]
 
 Prompts are cut from the held-out stdlib modules (never trained on): some context lines, then a
 `def` line and its first lines. Every prompt runs at depth 0..D in rotating order (interleaved,
@@ -37,11 +37,12 @@ def heldout_prompts(n: int, context_lines: int = 12, body_lines: int = 2) -> lis
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(common.ASSET_DIR))
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--max-depth", type=int, default=3)
     ap.add_argument("--temps", default="0,0.7")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--draft-cutoff", type=float, default=0.0, help="adaptive draft length (0 = off)")
     ap.add_argument("--out", type=Path, default=common.WORK_DIR / "eval.json")
     args = ap.parse_args()
 
@@ -65,7 +66,8 @@ def main():
             order = depths[pi % len(depths):] + depths[:pi % len(depths)]
             outs = {}
             for d in order:
-                p = SamplingParams(temperature=temp, max_tokens=args.max_tokens, ignore_eos=True, seed=1000 + pi)
+                p = SamplingParams(temperature=temp, max_tokens=args.max_tokens, ignore_eos=True, seed=1000 + pi,
+                                   draft_cutoff=args.draft_cutoff)
                 r = mtplx.generate(model, prompt, p, depth=d)
                 s = r.stats
                 a = agg[d]
@@ -96,6 +98,7 @@ def main():
             print(f"  greedy MTP output == depth-0 output: {mismatches == 0} ({mismatches} mismatching runs)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"prompts": len(prompts), "max_tokens": args.max_tokens, "threads": args.threads,
+                                    "draft_cutoff": args.draft_cutoff,
                                     "results": results}, indent=2))
 
 

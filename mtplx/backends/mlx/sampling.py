@@ -157,6 +157,13 @@ def draft_token(logits: mx.array, params: SamplingParams, rng: MlxRng) -> tuple[
     return int(sample_batch(q, rng.uniforms(1))[0].item()), q[0]
 
 
+def draft_prob(logits: mx.array, tok: int, q_row: mx.array | None) -> float:
+    """The head's probability of its draft `tok` (q_row[tok], or softmax of the raw logits)."""
+    if q_row is not None:
+        return float(q_row[tok].item())
+    return float(mx.softmax(logits.astype(mx.float32), axis=-1)[tok].item())
+
+
 def stack_draft_probs(rows: list) -> mx.array | None:
     if not rows or all(r is None for r in rows):
         return None

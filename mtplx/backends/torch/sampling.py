@@ -7,6 +7,7 @@ What a TorchSession calls (one request = one `torch.Generator` from `make_genera
     filter_probs(logits [..., V], params) -> probs [..., V]  # float32 (float64 if input is)
     sample(logits [V], params, gen) -> int                   # sample_first / depth 0
     draft_token(logits [V], params, gen) -> (id, q_row [V] | None)
+    draft_prob(logits [V], id, q_row | None) -> float   # the head's confidence in that draft
         # one drafting step of the MTP head: greedy params or params.greedy_draft -> argmax
         # and None (q one-hot); otherwise a sample from the filtered row and that row.
     stack_draft_probs(rows: list[q_row | None]) -> q [D, V] | None
@@ -192,6 +193,14 @@ def draft_token(
         return int(argmax(logits)), None
     q = filter_probs(logits[None], params)  # [1, V]
     return int(sample_batch(q, _uniforms(1, gen))[0]), q[0]
+
+
+def draft_prob(logits: torch.Tensor, tok: int, q_row: torch.Tensor | None) -> float:
+    """The head's probability of its draft `tok`: q_row[tok] for a sampled draft, else the
+    softmax of the raw head logits [V] at tok (greedy drafting)."""
+    if q_row is not None:
+        return float(q_row[tok])
+    return float(torch.softmax(logits.float(), dim=-1)[tok])
 
 
 def stack_draft_probs(rows: list[torch.Tensor | None]) -> torch.Tensor | None:
