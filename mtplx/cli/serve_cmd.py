@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth", type=int, default=None,
                    help="MTP draft depth (0 = plain decoding; default: the depth `mtplx tune` remembered, "
                         "else 3 with a head)")
+    p.add_argument("--draft-cutoff", type=float, default=0.0, metavar="P",
+                   help="adaptive draft length: stop a cycle's drafting once the head's path confidence < P (0 = off)")
     p.add_argument("--api-key", default=os.environ.get("MTPLX_API_KEY"),
                    help="require this key (Authorization: Bearer KEY or x-api-key: KEY); env MTPLX_API_KEY")
     p.add_argument("--backend", default=None, help="torch | mlx (default: the platform's)")
@@ -84,7 +86,7 @@ def run(args) -> int:
     try:
         adapter, depth = load_adapter(args.model, backend=args.backend, dtype=args.dtype, depth=args.depth,
                                       max_context=args.max_context, model_id=args.served_model_name,
-                                      threads=args.threads or None,
+                                      threads=args.threads or None, draft_cutoff=args.draft_cutoff,
                                       **({"quantize": args.quantize} if args.quantize else {}),
                                       **({"draft_lm_head": args.draft_lm_head} if args.draft_lm_head else {}))
     except Exception as e:  # a clear message, no trace, for a model that cannot be loaded

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -20,7 +21,8 @@ def _stats(s) -> GenStats:  # mtplx.decoding.stats.GenerationStats -> GenStats
 
 
 class MtplxModelAdapter:
-    def __init__(self, model, max_context: int | None = None, model_id: str | None = None):
+    def __init__(self, model, max_context: int | None = None, model_id: str | None = None,
+                 draft_cutoff: float = 0.0):
         if model.tokenizer is None:
             raise ValueError(f"{model.path} has no tokenizer.json: the server needs a tokenizer to read text")
         self.model = model
@@ -29,6 +31,9 @@ class MtplxModelAdapter:
         self.max_context = min(model.max_context, max_context) if max_context else model.max_context
         self._cap_context = max_context is not None and max_context < model.max_context
         self.vocab_size = int(model.config.vocab_size)
+        if not 0.0 <= draft_cutoff < 1.0:
+            raise ValueError(f"draft_cutoff must be in [0, 1) (0 = off), got {draft_cutoff}")
+        self.draft_cutoff = draft_cutoff  # the server's adaptive draft length, for every request
 
     def chat_ids(self, messages: list[dict], tools: list | None = None, chat_kwargs: dict | None = None) -> list[int]:
         try:
@@ -45,6 +50,8 @@ class MtplxModelAdapter:
     def generate(self, prompt_ids: list[int], params: SamplingParams, depth: int) -> Iterator[GenStep]:
         from mtplx.api import stream_generate
 
+        if self.draft_cutoff and not params.draft_cutoff:
+            params = replace(params, draft_cutoff=self.draft_cutoff)
         session = self.model.new_session(max_context=self.max_context) if self._cap_context else None
         for r in stream_generate(self.model, list(prompt_ids), params, depth, session=session):
             yield GenStep(text=r.text, token_ids=[r.token], finish_reason=r.finish_reason,
@@ -53,7 +60,8 @@ class MtplxModelAdapter:
 
 def load_adapter(path: str | None, backend: str | None = None, dtype: str | None = None, depth: int | None = None,
                  max_context: int | None = None, model_id: str | None = None,
-                 threads: int | None = None, **load_options) -> tuple[MtplxModelAdapter, int]:
+                 threads: int | None = None, draft_cutoff: float = 0.0,
+                 **load_options) -> tuple[MtplxModelAdapter, int]:
     """Load a checkpoint (None: the embedded default) -> (adapter, MTP depth to serve with)."""
     import mtplx.api as api
 
@@ -63,7 +71,7 @@ def load_adapter(path: str | None, backend: str | None = None, dtype: str | None
 
         apply_default_threads(model.model)
     depth = api.resolve_depth(model, depth)
-    return MtplxModelAdapter(model, max_context=max_context, model_id=model_id), depth
+    return MtplxModelAdapter(model, max_context=max_context, model_id=model_id, draft_cutoff=draft_cutoff), depth
 
 
 def real_engine_available() -> bool:
