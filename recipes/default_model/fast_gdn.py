@@ -5,8 +5,8 @@ triangular system with `torch.linalg.solve_triangular`, which is very slow on CP
 small batched systems (~170 ms per call at our shapes, forward and backward). Here the
 inverse of L = I + N (N strictly lower, nilpotent: N^C = 0) is built by repeated squaring,
 L^-1 = (I - N)(I + N^2)(I + N^4)..., a handful of batched matmuls, differentiable. Everything
-else is the reference algorithm. `install()` swaps it into the transformers module; the
-result matches the reference to float rounding (checked by `python fast_gdn.py`).
+else is the reference algorithm. `install()` swaps it (and `grouped_experts_forward`) into the
+transformers module; both match the reference to float rounding (checked by `python fast_gdn.py`).
 """
 
 from __future__ import annotations
@@ -134,4 +134,15 @@ if __name__ == "__main__":
                                              use_qk_l2norm_in_kernel=True)
     out, s = fast_chunk_gated_delta_rule(q, k, v, g=g, beta=b, output_final_state=True,
                                          use_qk_l2norm_in_kernel=True)
-    print("max |out - ref|", (out - ref).abs().max().item(), "state", (s - rs).abs().max().item())
+    print("gated delta rule: max |out - ref|", (out - ref).abs().max().item(), "state", (s - rs).abs().max().item())
+
+    import trunk  # the experts block of the default model's config, against transformers' own loop
+
+    experts = m.Qwen3_5MoeExperts(trunk.hf_config())
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.05)
+    torch.nn.init.normal_(experts.down_proj, std=0.05)
+    x = torch.randn(300, experts.gate_up_proj.shape[-1])
+    idx = torch.stack([torch.randperm(experts.num_experts)[:2] for _ in range(300)])
+    w = torch.rand(300, 2)
+    ref = m.Qwen3_5MoeExperts.forward(experts, x, idx, w)
+    print("grouped experts: max |out - ref|", (grouped_experts_forward(experts, x, idx, w) - ref).abs().max().item())
