@@ -71,12 +71,12 @@ class MtpHead(nn.Module):
         Returns the mode in use."""
         if mode not in ("auto", "int8", "full"):
             raise ValueError(f"draft_lm_head must be 'auto', 'int8' or 'full', got {mode!r}")
+        from .int8 import Int8Weight
+
         w = self.target.head_weight()
         if mode == "auto":
-            mode = "int8" if w.device.type == "cpu" else "full"
-        if mode == "int8":
-            from .int8 import Int8Weight
-
+            mode = "int8" if self.target.device.type == "cpu" else "full"
+        if mode == "int8":  # an int8-quantized model (--quantize int8) drafts with its own lm_head
             self.__dict__["_draft_lm"] = w if isinstance(w, Int8Weight) else Int8Weight.from_float(w)
         else:
             self.__dict__["_draft_lm"] = None
