@@ -119,8 +119,9 @@ def rowmm_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 PLAIN = Ops(plain_linear, plain_ew)
-# The MTP head's drafting rows: the exact path's few-row code (fused dense MoE, no per-expert
-# gather) without its padding. Drafts need no bit-exactness (verify decides every token), only speed.
+# The MTP head's drafting rows (MtpHead._few_rows): MoE blocks take `forward_one` for one row and
+# the fused dense path for a few, with plain (unpadded) kernels. Drafts need no bit-exactness
+# (verify decides every token), only speed.
 FEW_ROWS = Ops(plain_linear, plain_ew)
 EXACT = Ops(exact_linear, exact_ew)  # pure torch: row padding (ROW_GROUP)
 EXACT_ROWMM = Ops(rowmm_linear, exact_ew)  # compiled fixed-order kernel
@@ -182,6 +183,10 @@ class Rope(nn.Module):
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):  # [T] -> 2 x [T, rot]
         self._grow(int(positions.max()) + 1)
         return self._cos[positions].to(dtype), self._sin[positions].to(dtype)
+
+    def span(self, pos0: int, n: int, dtype: torch.dtype):  # positions pos0..pos0+n-1 -> 2 x [n, rot]
+        self._grow(pos0 + n)
+        return self._cos[pos0:pos0 + n].to(dtype), self._sin[pos0:pos0 + n].to(dtype)
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [..., T, n, hd], cos/sin [T, rot]."""

@@ -141,9 +141,7 @@ class MtpHead(nn.Module):
         gate = q[..., hd:].reshape(T, nh * hd)
         q = fast_rms_norm(q[..., :hd], att.q_norm, eps)  # [T, nh, hd]
         k = fast_rms_norm(k.view(T, nkv, hd), att.k_norm, eps)
-        rope._grow(pos0 + T)
-        cos = rope._cos[pos0:pos0 + T].to(u.dtype)
-        sin = rope._sin[pos0:pos0 + T].to(u.dtype)
+        cos, sin = rope.span(pos0, T, u.dtype)
         q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
         cache.write(pos0, k, v.view(T, nkv, hd))
         K, V = cache.view(pos0 + T)  # [nkv, S, hd]
