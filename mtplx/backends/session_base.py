@@ -139,13 +139,15 @@ class SessionBase:
             tok, q = self.sampling.draft_token(logits, params, rng)
             drafted.append(tok)
             rows.append(q)
-            if params.draft_cutoff > 0 and j + 1 < depth:  # adaptive length: stop on a doubtful path
+            if j + 1 == depth:
+                break
+            if params.draft_cutoff > 0:  # adaptive length: stop on a doubtful path
                 confidence *= self.sampling.draft_prob(logits, tok, q)
                 if confidence < params.draft_cutoff:
                     break
-            if j + 1 < depth:  # draft-time entry at head position base + j (dropped at commit)
-                g, u, lg = self._head_rows(self._hid(g, u), self._ids([tok]), base + j)
-                logits = lg[-1]
+            # draft-time entry at head position base + j (dropped at commit)
+            g, u, lg = self._head_rows(self._hid(g, u), self._ids([tok]), base + j)
+            logits = lg[-1]
         return drafted, self.sampling.stack_draft_probs(rows)
 
     def verify(self, drafted: list[int]):

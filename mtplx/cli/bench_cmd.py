@@ -10,6 +10,8 @@ import argparse
 import json
 import sys
 
+from mtplx.cli.options import add_drafting_args, add_quantize_arg, load_options
+
 HELP = "measure MTP speedup over plain decoding (interleaved runs, one table)"
 
 
@@ -19,8 +21,6 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-file", default=None, help="prompts separated by lines holding only '---'")
     p.add_argument("--max-tokens", "-n", type=int, default=128, help="tokens per run (default 128)")
     p.add_argument("--temp", "--temperature", dest="temp", type=float, default=0.0, help="temperature (0 = greedy)")
-    p.add_argument("--draft-cutoff", type=float, default=0.0, metavar="P",
-                   help="adaptive draft length: stop drafting once the head's path confidence < P (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled runs (default 0)")
@@ -29,9 +29,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for small CPU models, else torch's choice; $MTPLX_THREADS)")
-    p.add_argument("--quantize", choices=["int8"], default=None, help="torch: weight-only int8 on load")
-    p.add_argument("--draft-lm-head", choices=["auto", "int8", "full"], default=None,
-                   help="torch: lm_head precision of MTP drafting (auto: int8 on CPU; drafts only, output stays exact)")
+    add_quantize_arg(p)
+    add_drafting_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -80,10 +79,7 @@ def prepare(args):
                             draft_cutoff=args.draft_cutoff,
                             max_tokens=args.max_tokens, ignore_eos=True)
     params.validate()
-    options = {"quantize": args.quantize} if args.quantize else {}
-    if args.draft_lm_head:
-        options["draft_lm_head"] = args.draft_lm_head
-    model = mtplx.load(args.model, backend=args.backend, dtype=args.dtype, device=args.device, **options)
+    model = mtplx.load(args.model, backend=args.backend, dtype=args.dtype, device=args.device, **load_options(args))
     if args.threads is None and model.backend == "torch":  # small CPU models: 1 thread (see loader)
         from mtplx.backends.torch.loader import apply_default_threads
 

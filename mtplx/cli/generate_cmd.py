@@ -14,6 +14,8 @@ import argparse
 import json
 import sys
 
+from mtplx.cli.options import add_drafting_args, add_quantize_arg, load_options
+
 HELP = "generate text with MTP speculative decoding (or plain decoding with --depth 0)"
 
 
@@ -35,17 +37,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); never printed")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
     p.add_argument("--greedy-draft", action="store_true", help="at temp > 0, draft with argmax (still exact)")
-    p.add_argument("--draft-cutoff", type=float, default=0.0, metavar="P",
-                   help="adaptive draft length: stop a cycle's drafting once the head's confidence in its path "
-                        "falls below P (0 = always draft --depth tokens; output stays exact)")
     p.add_argument("--backend", choices=["torch", "mlx"], default=None, help="array backend (default: per platform)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1")
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="torch: weight-only int8 on load (faster CPU decode; still exact MTP vs depth 0)")
-    p.add_argument("--draft-lm-head", choices=["auto", "int8", "full"], default=None,
-                   help="torch: lm_head precision of MTP drafting (auto: int8 on CPU; drafts only, output stays exact)")
+    add_quantize_arg(p)
+    add_drafting_args(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for small CPU models, else torch's choice; $MTPLX_THREADS)")
     p.add_argument("--compare", action="store_true",
                    help="also run plain decoding (depth 0) on the same prompt and report the speedup")
@@ -78,10 +75,7 @@ def run(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    options = {"quantize": args.quantize} if args.quantize else {}
-    if args.draft_lm_head:
-        options["draft_lm_head"] = args.draft_lm_head
-    model = mtplx.load(args.model, backend=args.backend, dtype=args.dtype, device=args.device, **options)
+    model = mtplx.load(args.model, backend=args.backend, dtype=args.dtype, device=args.device, **load_options(args))
     if args.threads is None and model.backend == "torch":  # small CPU models: 1 thread (see loader)
         from mtplx.backends.torch.loader import apply_default_threads
 

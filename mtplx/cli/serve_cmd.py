@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 
+from mtplx.cli.options import add_drafting_args, add_quantize_arg, load_options
+
 HELP = "serve a model over an OpenAI- and Anthropic-compatible HTTP API"
 
 
@@ -28,8 +30,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth", type=int, default=None,
                    help="MTP draft depth (0 = plain decoding; default: the depth `mtplx tune` remembered, "
                         "else 3 with a head)")
-    p.add_argument("--draft-cutoff", type=float, default=0.0, metavar="P",
-                   help="adaptive draft length: stop a cycle's drafting once the head's path confidence < P (0 = off)")
     p.add_argument("--api-key", default=os.environ.get("MTPLX_API_KEY"),
                    help="require this key (Authorization: Bearer KEY or x-api-key: KEY); env MTPLX_API_KEY")
     p.add_argument("--backend", default=None, help="torch | mlx (default: the platform's)")
@@ -46,10 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-origin", action="append", default=None, metavar="ORIGIN",
                    help="allow browser requests from this origin (CORS; repeatable; '*' for any)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the torch backend (default: torch's)")
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="torch: weight-only int8 on load (faster CPU decode; still exact MTP vs depth 0)")
-    p.add_argument("--draft-lm-head", choices=["auto", "int8", "full"], default=None,
-                   help="torch: lm_head precision of MTP drafting (auto: int8 on CPU; drafts only, output stays exact)")
+    add_quantize_arg(p)
+    add_drafting_args(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -87,8 +85,7 @@ def run(args) -> int:
         adapter, depth = load_adapter(args.model, backend=args.backend, dtype=args.dtype, depth=args.depth,
                                       max_context=args.max_context, model_id=args.served_model_name,
                                       threads=args.threads or None, draft_cutoff=args.draft_cutoff,
-                                      **({"quantize": args.quantize} if args.quantize else {}),
-                                      **({"draft_lm_head": args.draft_lm_head} if args.draft_lm_head else {}))
+                                      **load_options(args))
     except Exception as e:  # a clear message, no trace, for a model that cannot be loaded
         print(f"error: cannot load model {args.model or '(default)'}: {e}", file=sys.stderr)
         return 1

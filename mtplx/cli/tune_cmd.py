@@ -32,6 +32,8 @@ def run(args) -> int:
 
     if args.max_depth < 1:
         raise ValueError(f"--max-depth must be >= 1, got {args.max_depth}")
+    if args.draft_cutoff:
+        raise ValueError("tune remembers a depth only, not a --draft-cutoff; compare cutoffs with `mtplx bench`")
     model, params, prompts = prepare(args)
     depths = parse_depths(",".join(str(d) for d in range(args.max_depth + 1)))
     report = measure(model, prompts, depths, params, args.repeats, quiet=args.json or not sys.stderr.isatty())

@@ -31,8 +31,7 @@ class MtplxModelAdapter:
         self.max_context = min(model.max_context, max_context) if max_context else model.max_context
         self._cap_context = max_context is not None and max_context < model.max_context
         self.vocab_size = int(model.config.vocab_size)
-        if not 0.0 <= draft_cutoff < 1.0:
-            raise ValueError(f"draft_cutoff must be in [0, 1) (0 = off), got {draft_cutoff}")
+        SamplingParams(draft_cutoff=draft_cutoff).validate()
         self.draft_cutoff = draft_cutoff  # the server's adaptive draft length, for every request
 
     def chat_ids(self, messages: list[dict], tools: list | None = None, chat_kwargs: dict | None = None) -> list[int]:

@@ -119,9 +119,9 @@ def rowmm_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 PLAIN = Ops(plain_linear, plain_ew)
-# The MTP head's drafting rows (MtpHead._few_rows): MoE blocks take `forward_one` for one row and
-# the fused dense path for a few, with plain (unpadded) kernels. Drafts need no bit-exactness
-# (verify decides every token), only speed.
+# The MLP kernels of the MTP head's drafting rows (MtpHead.rows, a few rows at a time): MoE blocks
+# take `forward_one` for one row and the fused dense path for a few, with plain (unpadded)
+# kernels. Drafts need no bit-exactness (verify decides every token), only speed.
 FEW_ROWS = Ops(plain_linear, plain_ew)
 EXACT = Ops(exact_linear, exact_ew)  # pure torch: row padding (ROW_GROUP)
 EXACT_ROWMM = Ops(rowmm_linear, exact_ew)  # compiled fixed-order kernel
@@ -129,10 +129,12 @@ KERNELS = {"torch": EXACT, "rowmm": EXACT_ROWMM}
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [..., D] * rsqrt(mean(x^2) + eps) * w, in fp32 (w: fp32 multiplier, 1 + w_file)."""
+    """x [..., D] * rsqrt(mean(x^2) + eps) * w, in fp32 (w: fp32 multiplier, 1 + w_file).
+    mean as sum * (1/D) and in-place scalars: a norm of one short row is a handful of
+    microsecond ops, and decode runs dozens of them (ATen's mean costs twice its sum here)."""
     xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * w).to(x.dtype)
+    r = torch.rsqrt((xf * xf).sum(-1, keepdim=True).mul_(1.0 / x.shape[-1]).add_(eps))
+    return (xf * r * w).to(x.dtype)
 
 
 def l2_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:  # fp32 in, fp32 out
@@ -590,13 +592,13 @@ class DecoderLayer(nn.Module):
         self.mixer = Attention(cfg) if self.is_attn else GatedDeltaNet(cfg)
         self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, rope, pos0=0, cache=None):  # parallel: x [B, T, H]
+    def forward(self, x, rope, pos0=0, cache=None, mlp_ops: Ops = PLAIN):  # parallel: x [B, T, H]
         h = rms_norm(x, self.input_norm, self.eps)
         h = self.mixer(h, rope, pos0, cache) if self.is_attn else self.mixer(h, cache)
         x = x + h
         h = rms_norm(x, self.post_norm, self.eps)
         B, T, H = h.shape
-        return x + self.mlp(h.reshape(B * T, H)).reshape(B, T, H)
+        return x + self.mlp(h.reshape(B * T, H), mlp_ops).reshape(B, T, H)
 
     def step(self, x, rope, pos0, cache, ops: Ops = EXACT):  # exact: x [T, H]
         h = rms_norm(x, self.input_norm, self.eps)

@@ -24,20 +24,12 @@ import torch.nn.functional as F
 
 from mtplx.checkpoint.config import FULL_ATTENTION, ModelConfig
 
-from .model import FEW_ROWS, DecoderLayer, plain_linear, rms_norm
+from .model import FEW_ROWS, PLAIN, DecoderLayer, rms_norm
 
 
-# Up to this many rows (the draft steps and the verified pairs of one cycle) the head runs
-# `_few_rows`; longer runs (the prompt's pairs) take the parallel path.
+# Up to this many rows (the draft steps and the verified pairs of one cycle) the head's MLP
+# runs the drafting kernels (model.FEW_ROWS); longer runs (the prompt's pairs) the plain ones.
 FEW_ROWS_MAX = 16
-
-
-def fast_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """rms_norm with fewer, cheaper ops (sum instead of mean, in-place scalars): the drafting
-    path's norm; equal to rms_norm up to float rounding."""
-    xf = x.float()
-    r = torch.rsqrt((xf * xf).sum(-1, keepdim=True).mul_(1.0 / x.shape[-1]).add_(eps))
-    return (xf * r * w).to(x.dtype)
 
 
 class MtpHead(nn.Module):
@@ -115,46 +107,11 @@ class MtpHead(nn.Module):
         the head's KV cache (`AttnCache`) holding positions < pos0. Writes T entries.
         -> (g [T, H] post mtp.norm, u [T, H] pre mtp.norm, logits [T, V]). drafting: logits of the
         last row only ([1, V], the one a draft reads), through the draft lm_head."""
-        if hidden.shape[0] <= FEW_ROWS_MAX:
-            return self._few_rows(hidden, next_ids, pos0, cache, drafting)
+        mlp_ops = FEW_ROWS if hidden.shape[0] <= FEW_ROWS_MAX else PLAIN
         u = self._fc_in(hidden, next_ids)[None]
-        u = self.layers[0](u, self.target.rope, pos0, cache)[0]
+        u = self.layers[0](u, self.target.rope, pos0, cache, mlp_ops)[0]
         g = rms_norm(u, self.norm, self.eps)
         return g, u, (self._draft_logits(g[-1:]) if drafting else self.target.logits(g))
-
-    def _few_rows(self, hidden: torch.Tensor, next_ids: torch.Tensor, pos0: int, cache, drafting: bool):
-        """`rows` for a few rows, as few torch ops as possible: a draft step costs a few dozen
-        small ops, so their count (not FLOPs) sets the drafting cost on CPU. Same function as
-        the parallel path up to float rounding (drafts need no bit-exactness: verify decides).
-        hidden [T, H], next_ids [T] -> (g, u, logits) as `rows`."""
-        target, layer, eps = self.target, self.layers[0], self.eps
-        att, rope = layer.mixer, target.rope
-        T = hidden.shape[0]
-        nh, nkv, hd = att.nh, att.nkv, att.hd
-        e = fast_rms_norm(F.embedding(next_ids, target.embed), self.norm_emb, eps)
-        hh = fast_rms_norm(hidden.to(e.dtype), self.norm_hid, eps)
-        u = plain_linear(torch.cat([e, hh], dim=-1), self.fc)  # [T, H]
-        # gated attention over the head's cache (positions < pos0) and these T rows
-        y = plain_linear(fast_rms_norm(u, layer.input_norm, eps), att.qkv)
-        q, k, v = y.split([att.q_rows, att.kv_rows, att.kv_rows], dim=-1)
-        q = q.view(T, nh, 2 * hd)
-        gate = q[..., hd:].reshape(T, nh * hd)
-        q = fast_rms_norm(q[..., :hd], att.q_norm, eps)  # [T, nh, hd]
-        k = fast_rms_norm(k.view(T, nkv, hd), att.k_norm, eps)
-        cos, sin = rope.span(pos0, T, u.dtype)
-        q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
-        cache.write(pos0, k, v.view(T, nkv, hd))
-        K, V = cache.view(pos0 + T)  # [nkv, S, hd]
-        mask = None
-        if T > 1:  # row i sees keys <= pos0 + i
-            mask = torch.ones(T, pos0 + T, dtype=torch.bool, device=u.device).tril_(pos0)
-        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], K[None], V[None], attn_mask=mask,
-                                           scale=att.scale, enable_gqa=True)  # [1, nh, T, hd]
-        o = o[0].transpose(0, 1).reshape(T, nh * hd) * torch.sigmoid(gate)
-        u = u + plain_linear(o, att.o_proj)
-        u = u + layer.mlp(fast_rms_norm(u, layer.post_norm, eps), FEW_ROWS)
-        g = fast_rms_norm(u, self.norm, eps)
-        return g, u, (self._draft_logits(g[-1:]) if drafting else target.logits(g))
 
 
 __all__ = ["MtpHead"]

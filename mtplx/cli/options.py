@@ -1,0 +1,28 @@
+"""Flags shared by the commands that load a model and decode (generate, bench, serve)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_drafting_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--draft-cutoff", type=float, default=0.0, metavar="P",
+                   help="adaptive draft length: stop a cycle's drafting once the head's confidence in its path "
+                        "falls below P (0 = always draft --depth tokens; output stays exact)")
+    p.add_argument("--draft-lm-head", choices=["auto", "int8", "full"], default=None,
+                   help="torch: lm_head precision of MTP drafting (auto: int8 on CPU; drafts only, output stays exact)")
+
+
+def add_quantize_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="torch: weight-only int8 on load (faster CPU decode; still exact MTP vs depth 0)")
+
+
+def load_options(args: argparse.Namespace) -> dict:
+    """The backend loader options the flags ask for (none by default, so MLX takes them all)."""
+    options = {}
+    if args.quantize:
+        options["quantize"] = args.quantize
+    if args.draft_lm_head:
+        options["draft_lm_head"] = args.draft_lm_head
+    return options
