@@ -34,7 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="require this key (Authorization: Bearer KEY or x-api-key: KEY); env MTPLX_API_KEY")
     p.add_argument("--backend", default=None, help="torch | mlx (default: the platform's)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the backend's choice)")
-    p.add_argument("--served-model-name", default=None, help="model id reported by the API")
+    p.add_argument("--served-model-name", action="append", default=None, metavar="NAME",
+                   help="model id reported by the API (repeatable: the first is reported, all are accepted)")
+    p.add_argument("--chat-template", default=None, metavar="NAME|FILE",
+                   help="replace the checkpoint's chat template: qwen3.5 (XML tool calls), qwen3 (JSON tool "
+                        "calls), either with ':nothink' for thinking off by default, or a Jinja file")
     p.add_argument("--max-queue", type=int, default=16, help="requests allowed to wait; more get 429")
     p.add_argument("--parallel", type=int, default=1,
                    help="generations interleaved per decoding cycle (each has its own cache)")
@@ -81,9 +85,20 @@ def run(args) -> int:
             torch.set_num_threads(max(1, args.threads))
         except ImportError:
             pass
+    chat_template = None
+    if args.chat_template:
+        from mtplx.chat.formats import load_template
+
+        try:
+            chat_template = load_template(args.chat_template)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    names = args.served_model_name or []
     try:
         adapter, depth = load_adapter(args.model, backend=args.backend, dtype=args.dtype, depth=args.depth,
-                                      max_context=args.max_context, model_id=args.served_model_name,
+                                      max_context=args.max_context, model_id=names[0] if names else None,
+                                      chat_template=chat_template,
                                       threads=args.threads or None, draft_cutoff=args.draft_cutoff,
                                       **load_options(args))
     except Exception as e:  # a clear message, no trace, for a model that cannot be loaded
@@ -91,10 +106,15 @@ def run(args) -> int:
         return 1
     app = create_app(adapter, depth=depth, max_queue=args.max_queue, parallel=args.parallel,
                      api_key=args.api_key, max_body=int(args.max_body_mb * 1024 * 1024),
-                     max_tokens_cap=args.max_tokens, model_id=args.served_model_name,
+                     max_tokens_cap=args.max_tokens, model_id=names or None,
                      allow_origins=args.allow_origin)
-    print(f"mtplx serve: {app.state.mtplx.model_id} (MTP depth {depth}) on http://{args.host}:{args.port}/v1",
-          file=sys.stderr, flush=True)
+    from mtplx.chat.formats import detect_format
+
+    fmt = detect_format(adapter.chat_template)
+    tools = {"xml": "tool calls: Qwen3.5 XML", "json": "tool calls: Qwen3 JSON"}.get(
+        fmt.tool_format, "no tool calls (the chat template renders none: see --chat-template)")
+    print(f"mtplx serve: {app.state.mtplx.model_id} (MTP depth {depth}; {tools}"
+          f"{'; thinking' if fmt.thinking else ''}) on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, server_header=False,
                 access_log=args.log_level == "debug", timeout_graceful_shutdown=5)
     return 0

@@ -1,106 +1,254 @@
-"""Anthropic-compatible routes: /v1/messages (stream and not), /v1/messages/count_tokens."""
+"""Anthropic-compatible routes: /v1/messages (stream and not), /v1/messages/count_tokens.
+
+Content blocks in: text, tool_use (assistant), tool_result (user; string or block content,
+is_error), thinking / redacted_thinking (assistant). Out: thinking, text and tool_use blocks,
+`stop_reason: "tool_use"`; streams send content_block_start/delta/stop per block
+(thinking_delta + signature_delta, text_delta, input_json_delta).
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from mtplx.server.common import (
-    APIError, DoneEvent, SSEResponse, StepEvent, collect, job_events, make_params, new_id,
-    resolve_max_tokens, tokenize, sse_event, submit, timings,
-)
+from mtplx.chat.events import ReasoningDelta, TextDelta, ToolCallArgs, ToolCallEnd, ToolCallStart
+from mtplx.chat.tools import ToolCall, anthropic_tool_choice, anthropic_tools, log_skipped
+from mtplx.server.chat import ChatFinish, Conversation, chat_events, collect_chat, count_prompt_tokens, start_chat
+from mtplx.server.common import APIError, SSEResponse, new_id, note_request, sse_event, timings
 from mtplx.server.errors import error_body
 from mtplx.server.schemas import AMessage, ATextBlock, CountTokensRequest, MessagesRequest
 
 router = APIRouter()
+SIGNATURE = ""  # thinking blocks carry a signature field; a local model has nothing to sign
 
 
-def _text_of(content, where: str) -> str:
+def _extra(block) -> dict:
+    return dict(block.model_extra or {})
+
+
+def _system_text(system, where: str) -> str:
+    if system is None or isinstance(system, str):
+        return system or ""
+    return "".join(b.text for b in system)
+
+
+def _result_text(content: Any, where: str) -> str:
+    """A tool_result's content: a string, or blocks (text kept; images named, this model reads text)."""
+    if content is None:
+        return ""
     if isinstance(content, str):
         return content
-    chunks = []
-    for j, block in enumerate(content):
-        if not isinstance(block, ATextBlock):
-            raise APIError(400, f"content block type '{block.type}' is not supported (text only)",
-                           param=f"{where}.{j}")
-        chunks.append(block.text)
-    return "".join(chunks)
+    if not isinstance(content, list):
+        raise APIError(400, f"'{where}': expected a string or a list of content blocks", param=where)
+    parts = []
+    for k, b in enumerate(content):
+        if not isinstance(b, dict) or not isinstance(b.get("type"), str):
+            raise APIError(400, f"'{where}.{k}': expected a content block with a 'type'", param=f"{where}.{k}")
+        if b["type"] == "text":
+            if not isinstance(b.get("text"), str):
+                raise APIError(400, f"'{where}.{k}.text': expected a string", param=f"{where}.{k}.text")
+            parts.append(b["text"])
+        else:
+            parts.append(f"[{b['type']} content: not readable by this text model]")
+    return "\n".join(parts)
 
 
-def _to_template(system, messages: list[AMessage], tools) -> list[dict]:
-    if tools:
-        raise APIError(400, "tools are not supported by this server yet")
-    out = []
-    if system:
-        out.append({"role": "system", "content": _text_of(system, "system")})
-    for i, m in enumerate(messages):
-        out.append({"role": m.role, "content": _text_of(m.content, f"messages.{i}.content")})
+def _user_blocks(m: AMessage, i: int, open_ids: set[str]) -> list[dict]:
+    out, text = [], []
+    for j, b in enumerate(m.content):
+        where = f"messages.{i}.content.{j}"
+        if isinstance(b, ATextBlock):
+            text.append(b.text)
+            continue
+        x = _extra(b)
+        if b.type != "tool_result":
+            raise APIError(400, f"'{where}': content block type '{b.type}' is not supported in a user turn "
+                                f"(text and tool_result only)", param=where)
+        tid = x.get("tool_use_id")
+        if tid not in open_ids:
+            raise APIError(400, f"'{where}': a tool_result for tool_use_id {tid!r}, but no earlier assistant "
+                                f"message has a tool_use with that id", param=f"{where}.tool_use_id")
+        body = _result_text(x.get("content"), f"{where}.content")
+        out.append({"role": "tool", "tool_call_id": tid, "content": ("[error] " + body) if x.get("is_error") else body})
+    if text:
+        out.append({"role": "user", "content": "".join(text)})
     return out
 
 
-def _stop_reason(finish: str, stop_sequence: str | None) -> str:
-    if finish == "length":
+def _assistant_blocks(m: AMessage, i: int, open_ids: set[str]) -> dict:
+    text, reasoning, calls = [], [], []
+    for j, b in enumerate(m.content):
+        where = f"messages.{i}.content.{j}"
+        if isinstance(b, ATextBlock):
+            text.append(b.text)
+            continue
+        x = _extra(b)
+        if b.type == "thinking":
+            reasoning.append(str(x.get("thinking") or ""))
+        elif b.type == "redacted_thinking":
+            continue
+        elif b.type == "tool_use":
+            tid, name, args = x.get("id"), x.get("name"), x.get("input", {})
+            if not isinstance(tid, str) or not tid or not isinstance(name, str) or not isinstance(args, dict):
+                raise APIError(400, f"'{where}': a tool_use block needs 'id' (string), 'name' (string) and 'input' "
+                                    f"(object)", param=where)
+            calls.append(ToolCall(tid, name, args))
+            open_ids.add(tid)
+        else:
+            raise APIError(400, f"'{where}': content block type '{b.type}' is not supported in an assistant turn "
+                                f"(text, thinking, tool_use)", param=where)
+    msg = {"role": "assistant", "content": "".join(text), "tool_calls": calls}
+    if reasoning:
+        msg["reasoning_content"] = "\n".join(reasoning)
+    return msg
+
+
+def _messages(system, messages: list[AMessage]) -> list[dict]:
+    out = [{"role": "system", "content": _system_text(system, "system")}] if system else []
+    open_ids: set[str] = set()
+    for i, m in enumerate(messages):
+        if isinstance(m.content, str):
+            out.append({"role": m.role, "content": m.content})
+        elif m.role == "assistant":
+            out.append(_assistant_blocks(m, i, open_ids))
+        elif m.role == "system":
+            out.append({"role": "system", "content": "".join(b.text for b in m.content if isinstance(b, ATextBlock))})
+        else:
+            out.extend(_user_blocks(m, i, open_ids))
+    if all(m["role"] == "system" for m in out):
+        raise APIError(400, "'messages' holds no user or assistant message to answer", param="messages")
+    return out
+
+
+def _thinking_kwargs(thinking: dict | None) -> dict:
+    kind = (thinking or {}).get("type")
+    if kind == "enabled":
+        return {"enable_thinking": True}
+    if kind == "disabled":
+        return {"enable_thinking": False}
+    return {}  # absent / adaptive: the template's own default
+
+
+def conversation(body) -> Conversation:
+    tools, skipped = anthropic_tools(body.tools)
+    log_skipped(skipped, "messages")
+    choice = anthropic_tool_choice(body.tool_choice, tools)
+    return Conversation(_messages(body.system, body.messages), tools, choice, _thinking_kwargs(body.thinking))
+
+
+def _stop_reason(finish: ChatFinish) -> str:
+    if finish.reason == "length":
         return "max_tokens"
-    if stop_sequence:
-        return "stop_sequence"
-    return "end_turn"
+    if finish.reason == "tool_calls":
+        return "tool_use"
+    return "stop_sequence" if finish.stop_sequence else "end_turn"
+
+
+def _usage(prompt_tokens: int, output_tokens: int) -> dict:
+    return {"input_tokens": prompt_tokens, "output_tokens": output_tokens,
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
 
 
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(body: CountTokensRequest, request: Request):
-    st = request.app.state.mtplx
-    ids = await tokenize(st.engine.model.chat_ids, _to_template(body.system, body.messages, body.tools))
-    return {"input_tokens": len(ids)}
+    return {"input_tokens": await count_prompt_tokens(request.app.state.mtplx, conversation(body))}
 
 
 @router.post("/v1/messages")
 async def messages(body: MessagesRequest, request: Request):
     st = request.app.state.mtplx
-    prompt_ids = await tokenize(st.engine.model.chat_ids, _to_template(body.system, body.messages, body.tools))
-    max_tokens = resolve_max_tokens(body.max_tokens, len(prompt_ids), st.engine.model.max_context, None)
-    params = make_params(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=None,
-                         seed=None, max_tokens=max_tokens, stop=body.stop_sequences or [])
-    job = submit(st.engine, prompt_ids, params)
+    sampling = dict(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=None, seed=None,
+                    stop=body.stop_sequences or [])
+    run = await start_chat(st, conversation(body), body.max_tokens, sampling, id_prefix="toolu_")
     mid = new_id("msg_")
     if body.stream:
-        return SSEResponse(_stream(job, mid, st.model_id, request.url.path), on_close=job.cancel)
-    out = await collect(job, request)
-    stop_seq = out.stop_sequence if out.finish_reason != "length" else None
+        return SSEResponse(_stream(run, mid, st, request), on_close=run.job.cancel)
+    out = await collect_chat(run, request, st.metrics)
+    note_request(request, out.finish.stats)
+    content: list[dict] = []
+    if out.reasoning:
+        content.append({"type": "thinking", "thinking": out.reasoning, "signature": SIGNATURE})
+    if out.text or not out.calls:
+        content.append({"type": "text", "text": out.text})
+    content += [{"type": "tool_use", "id": c.id, "name": c.name, "input": c.arguments} for c in out.calls]
     return JSONResponse({
-        "id": mid, "type": "message", "role": "assistant", "model": st.model_id,
-        "content": [{"type": "text", "text": out.text}],
-        "stop_reason": _stop_reason(out.finish_reason, stop_seq),
-        "stop_sequence": stop_seq,
-        "usage": {"input_tokens": len(prompt_ids), "output_tokens": out.completion_tokens},
-        "timings": timings(out.stats),
+        "id": mid, "type": "message", "role": "assistant", "model": st.model_id, "content": content,
+        "stop_reason": _stop_reason(out.finish), "stop_sequence": out.finish.stop_sequence,
+        "usage": _usage(len(run.prompt_ids), out.finish.completion_tokens),
+        "timings": timings(out.finish.stats),
     })
 
 
-async def _stream(job, mid: str, model_id: str, path: str):
+class _Blocks:
+    """Opens and closes the stream's content blocks as the events change kind."""
+
+    def __init__(self):
+        self.index = -1
+        self.kind: str | None = None
+
+    def close(self) -> list[str]:
+        if self.kind is None:
+            return []
+        out = []
+        if self.kind == "thinking":
+            out.append(self._delta({"type": "signature_delta", "signature": SIGNATURE}))
+        out.append(sse_event("content_block_stop", {"type": "content_block_stop", "index": self.index}))
+        self.kind = None
+        return out
+
+    def open(self, kind: str, block: dict) -> list[str]:
+        out = self.close()
+        self.index += 1
+        self.kind = kind
+        out.append(sse_event("content_block_start", {"type": "content_block_start", "index": self.index,
+                                                     "content_block": block}))
+        return out
+
+    def _delta(self, delta: dict) -> str:
+        return sse_event("content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta})
+
+    def render(self, ev) -> list[str]:
+        if isinstance(ev, ReasoningDelta):
+            out = [] if self.kind == "thinking" else self.open("thinking", {"type": "thinking", "thinking": "",
+                                                                             "signature": ""})
+            return out + [self._delta({"type": "thinking_delta", "thinking": ev.text})]
+        if isinstance(ev, TextDelta):
+            out = [] if self.kind == "text" else self.open("text", {"type": "text", "text": ""})
+            return out + [self._delta({"type": "text_delta", "text": ev.text})]
+        if isinstance(ev, ToolCallStart):
+            return self.open("tool_use", {"type": "tool_use", "id": ev.id, "name": ev.name, "input": {}})
+        if isinstance(ev, ToolCallArgs):
+            return [self._delta({"type": "input_json_delta", "partial_json": ev.fragment})]
+        if isinstance(ev, ToolCallEnd):
+            return self.close()
+        return []
+
+
+async def _stream(run, mid: str, st, request: Request):
     yield sse_event("message_start", {"type": "message_start", "message": {
-        "id": mid, "type": "message", "role": "assistant", "model": model_id, "content": [],
-        "stop_reason": None, "stop_sequence": None,
-        "usage": {"input_tokens": len(job.prompt_ids), "output_tokens": 0}}})
-    yield sse_event("content_block_start", {"type": "content_block_start", "index": 0,
-                                            "content_block": {"type": "text", "text": ""}})
-    yield sse_event("ping", {"type": "ping"})
-    n = 0
+        "id": mid, "type": "message", "role": "assistant", "model": st.model_id, "content": [],
+        "stop_reason": None, "stop_sequence": None, "usage": _usage(len(run.prompt_ids), 0)}})
+    blocks = _Blocks()
+    ping = sse_event("ping", {"type": "ping"})  # after the first content_block_start, as the API does
     try:
-        async for ev in job_events(job):
-            if isinstance(ev, StepEvent):
-                n += len(ev.step.token_ids)
-                if ev.step.text:
-                    yield sse_event("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                                            "delta": {"type": "text_delta", "text": ev.step.text}})
-            elif isinstance(ev, DoneEvent):
-                stop_seq = ev.stop_sequence if ev.finish_reason != "length" else None
-                yield sse_event("content_block_stop", {"type": "content_block_stop", "index": 0})
+        async for ev in chat_events(run, metrics=st.metrics):
+            if isinstance(ev, ChatFinish):
+                note_request(request, ev.stats)
+                if blocks.index < 0:
+                    for line in blocks.open("text", {"type": "text", "text": ""}):
+                        yield line + ping
+                for line in blocks.close():
+                    yield line
                 yield sse_event("message_delta", {
                     "type": "message_delta",
-                    "delta": {"stop_reason": _stop_reason(ev.finish_reason, stop_seq), "stop_sequence": stop_seq},
-                    "usage": {"output_tokens": ev.stats.generated_tokens or n},
-                    "timings": timings(ev.stats)})
+                    "delta": {"stop_reason": _stop_reason(ev), "stop_sequence": ev.stop_sequence},
+                    "usage": {"output_tokens": ev.completion_tokens}, "timings": timings(ev.stats)})
                 yield sse_event("message_stop", {"type": "message_stop"})
+                continue
+            first = blocks.index < 0
+            for line in blocks.render(ev):
+                yield line + (ping if first and line.startswith("event: content_block_start") else "")
     except APIError as e:
-        body = error_body(path, e.status, e.message)
-        yield sse_event("error", body)
+        yield sse_event("error", error_body(request.url.path, e.status, e.message))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from mtplx import __version__
-from mtplx.server import anthropic_routes, openai_routes
+from mtplx.server import anthropic_routes, openai_routes, responses_routes
 from mtplx.server.engine import Engine, ModelAdapter
 from mtplx.server.errors import error_body, install_handlers
 from mtplx.server.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -21,7 +22,9 @@ from mtplx.server.metrics import CONTENT_TYPE_LATEST, Metrics
 DEFAULT_MAX_BODY = 8 * 1024 * 1024  # bytes
 PUBLIC_PATHS = {"/health"}
 KNOWN_ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/messages",
-                   "/v1/messages/count_tokens", "/health", "/metrics"}
+                   "/v1/messages/count_tokens", "/v1/responses", "/health", "/metrics"}
+QUIET_PATHS = {"/health", "/metrics"}  # polled: not logged
+log = logging.getLogger("mtplx.server")
 
 
 @dataclass
@@ -29,6 +32,7 @@ class ServerState:
     engine: Engine
     metrics: Metrics
     model_id: str
+    aliases: list[str]  # every name the server answers to (--served-model-name, repeatable)
     created: int
     fingerprint: str
     max_tokens_cap: int | None
@@ -52,7 +56,10 @@ class GuardMiddleware:
         self.max_body = max_body
         self.metrics = metrics
 
-    async def _reply(self, send, path: str, status: int, message: str, headers: list | None = None):
+    async def _reply(self, send, path: str, status: int, message: str, headers: list | None = None,
+                     state: dict | None = None):
+        if state is not None:
+            state["mtplx_error"] = message
         body = json.dumps(error_body(path, status, message)).encode()
         hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": hdrs + (headers or [])})
@@ -75,6 +82,8 @@ class GuardMiddleware:
         path = scope.get("path", "")
         endpoint = path if path in KNOWN_ENDPOINTS else ("/v1/models" if path.startswith("/v1/models/") else "other")
         status_box = [500]
+        state = scope.setdefault("state", {})
+        started = time.perf_counter()
 
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
@@ -86,18 +95,19 @@ class GuardMiddleware:
                     and not self._authorized(scope):
                 return await self._reply(send_wrapper, path, 401,
                                          "invalid or missing API key (send 'Authorization: Bearer KEY' or "
-                                         "'x-api-key: KEY')", [(b"www-authenticate", b"Bearer")])
+                                         "'x-api-key: KEY')", [(b"www-authenticate", b"Bearer")], state)
             if scope.get("method") in ("POST", "PUT", "PATCH"):
                 for name, value in scope.get("headers", ()):
                     if name == b"content-length":
                         try:
                             declared = int(value)
                         except ValueError:
-                            return await self._reply(send_wrapper, path, 400, "invalid Content-Length header")
+                            return await self._reply(send_wrapper, path, 400, "invalid Content-Length header",
+                                                     state=state)
                         if declared > self.max_body:
                             return await self._reply(send_wrapper, path, 413,
                                                      f"request body too large ({declared} bytes, "
-                                                     f"limit {self.max_body})")
+                                                     f"limit {self.max_body})", state=state)
                 chunks, size = [], 0
                 while True:
                     msg = await receive()
@@ -107,7 +117,7 @@ class GuardMiddleware:
                     size += len(chunk)
                     if size > self.max_body:
                         return await self._reply(send_wrapper, path, 413,
-                                                 f"request body too large (limit {self.max_body} bytes)")
+                                                 f"request body too large (limit {self.max_body} bytes)", state=state)
                     chunks.append(chunk)
                     if not msg.get("more_body", False):
                         break
@@ -127,6 +137,21 @@ class GuardMiddleware:
             self.metrics.requests.labels(endpoint=endpoint, status=str(status_box[0])).inc()
             if status_box[0] >= 400:
                 self.metrics.errors.labels(kind=str(status_box[0])).inc()
+            if path not in QUIET_PATHS:
+                log.info("%s", request_log_line(scope.get("method", ""), path, status_box[0], state,
+                                                time.perf_counter() - started))
+
+
+def request_log_line(method: str, path: str, status: int, state: dict, wall_s: float) -> str:
+    """One line per request: endpoint, status, tokens and speed, or why it was refused."""
+    line = f"{method} {path} {status} {wall_s:.2f}s"
+    stats = state.get("mtplx_stats")
+    if stats is not None:
+        tps = (stats.generated_tokens - 1) / stats.decode_s if stats.decode_s > 0 and stats.generated_tokens > 1 else 0.0
+        line += f" prompt={stats.prompt_tokens} generated={stats.generated_tokens} ({tps:.1f} tok/s)"
+    if status >= 400 and state.get("mtplx_error"):
+        line += f" - {state['mtplx_error'][:300]}"
+    return line
 
 
 _ERROR_SCHEMA = {"type": "object", "description": "OpenAI {'error': {...}} or Anthropic {'type': 'error', "
@@ -166,15 +191,16 @@ def _document_errors(app: FastAPI) -> None:
 
 def create_app(model: ModelAdapter, *, depth: int = 0, max_queue: int = 16, parallel: int = 1,
                api_key: str | None = None, max_body: int = DEFAULT_MAX_BODY,
-               max_tokens_cap: int | None = None, model_id: str | None = None,
+               max_tokens_cap: int | None = None, model_id: str | list[str] | None = None,
                allow_origins: list[str] | None = None) -> FastAPI:
     """Build the app. The engine worker starts with the app (lifespan) and stops with it."""
     engine = Engine(model, depth=depth, max_queue=max_queue, parallel=parallel)
     metrics = Metrics(engine)
     engine.on_finish = lambda job, outcome: metrics.record_generation(
         job.stats, outcome, time.perf_counter() - job.enqueued_at)
-    mid = model_id or model.model_id
-    state = ServerState(engine=engine, metrics=metrics, model_id=mid, created=int(time.time()),
+    aliases = ([model_id] if isinstance(model_id, str) else list(model_id or [])) or [model.model_id]
+    mid = aliases[0]
+    state = ServerState(engine=engine, metrics=metrics, model_id=mid, aliases=aliases, created=int(time.time()),
                         fingerprint="mtplx-" + hashlib.sha1(f"{mid}:{depth}:{__version__}".encode()).hexdigest()[:12],
                         max_tokens_cap=max_tokens_cap)
 
@@ -192,6 +218,7 @@ def create_app(model: ModelAdapter, *, depth: int = 0, max_queue: int = 16, para
     install_handlers(app)
     app.include_router(openai_routes.router)
     app.include_router(anthropic_routes.router)
+    app.include_router(responses_routes.router)
 
     @app.get("/health")
     async def health():

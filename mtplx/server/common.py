@@ -13,6 +13,7 @@ from anyio import to_thread
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
+from mtplx.chat.tools import ToolSpecError
 from mtplx.decoding.params import SamplingParams
 from mtplx.server.engine import DoneEvent, EngineClosed, ErrorEvent, GenStats, Job, QueueFull, StepEvent
 from mtplx.server.errors import APIError
@@ -45,9 +46,9 @@ def make_params(*, temperature: float | None, top_p: float | None, top_k: int | 
     return params
 
 
-def resolve_max_tokens(requested: int | None, prompt_len: int, max_context: int, cap: int | None,
-                       param: str = "max_tokens") -> int:
-    """400 when the prompt (plus the requested completion) does not fit the context."""
+def resolve_max_tokens(requested: int | None, prompt_len: int, max_context: int, cap: int | None) -> int:
+    """What may be generated: the request's max_tokens (or the server's cap) clamped to the room the
+    context leaves (the generation then ends with `length`); 400 only when the prompt alone does not fit."""
     if prompt_len >= max_context:
         raise APIError(400, f"This model's maximum context length is {max_context} tokens, but the prompt has "
                             f"{prompt_len} tokens. Shorten the prompt.", param="messages",
@@ -55,12 +56,7 @@ def resolve_max_tokens(requested: int | None, prompt_len: int, max_context: int,
     room = max_context - prompt_len
     if requested is None:
         return room if cap is None else min(room, cap)
-    if requested > room:
-        raise APIError(400, f"This model's maximum context length is {max_context} tokens. However, you requested "
-                            f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the "
-                            f"completion). Reduce the prompt or {param}.", param=param,
-                       code="context_length_exceeded")
-    return requested
+    return min(requested, room)
 
 
 async def run_blocking(fn: Callable, *args):
@@ -71,6 +67,8 @@ async def tokenize(fn: Callable, *args) -> list[int]:
     """Build a prompt off the event loop; a prompt that cannot be built is the client's 400."""
     try:
         return await to_thread.run_sync(fn, *args)
+    except ToolSpecError as e:  # tools / tool_choice / tool history: the message names the field
+        raise APIError(400, str(e), param=e.param) from None
     except ValueError as e:  # includes model_adapter.PromptError
         raise APIError(400, f"cannot build the prompt: {e}") from None
 
@@ -137,6 +135,11 @@ async def collect(job: Job, request: Request) -> Outcome:
             return Outcome("".join(parts), ev.finish_reason, ev.stop_sequence, ev.stats,
                            ev.stats.generated_tokens or n)
     raise APIError(499, "client disconnected")  # the response goes nowhere
+
+
+def note_request(request: Request, stats: GenStats) -> None:
+    """Hand a finished generation's stats to the request log line (GuardMiddleware writes it)."""
+    request.scope.setdefault("state", {})["mtplx_stats"] = stats
 
 
 def timings(stats: GenStats) -> dict:

@@ -61,10 +61,14 @@ class GenStep:
 class ModelAdapter(Protocol):
     model_id: str
     max_context: int
+    chat_template: str | None  # the Jinja chat template (its text tells the tool-call format)
 
-    def chat_ids(self, messages: list[dict], tools: list | None = None, chat_kwargs: dict | None = None) -> list[int]:
-        """Render messages with the chat template (assistant turn opened, `chat_kwargs` as extra
-        template variables) and tokenize."""
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None, **template_kwargs) -> str:
+        """Render messages with the chat template, assistant turn opened (extra template variables in
+        `template_kwargs`, e.g. enable_thinking)."""
+
+    def encode_chat(self, text: str) -> list[int]:
+        """Tokenize a rendered chat prompt (its special tokens are in the text)."""
 
     def encode(self, text: str) -> list[int]:
         """Tokenize raw text (completions)."""

@@ -13,6 +13,8 @@ import logging
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from mtplx.chat.tools import ToolSpecError
+
 log = logging.getLogger("mtplx.server")
 
 _OPENAI_TYPES = {
@@ -68,7 +70,9 @@ def error_body(path: str, status: int, message: str, param: str | None = None, c
 
 
 def error_response(path: str, status: int, message: str, param: str | None = None, code: str | None = None,
-                   headers: dict | None = None) -> JSONResponse:
+                   headers: dict | None = None, request: Request | None = None) -> JSONResponse:
+    if request is not None:  # the request log line says why
+        request.scope.setdefault("state", {})["mtplx_error"] = message
     return JSONResponse(error_body(path, status, message, param, code), status_code=status, headers=headers)
 
 
@@ -111,19 +115,24 @@ def install_handlers(app) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return error_response(request.url.path, exc.status, exc.message, exc.param, exc.code, exc.headers)
+        return error_response(request.url.path, exc.status, exc.message, exc.param, exc.code, exc.headers, request)
+
+    @app.exception_handler(ToolSpecError)
+    async def _tool_spec(request: Request, exc: ToolSpecError):
+        return error_response(request.url.path, 400, str(exc), exc.param, request=request)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         message, param = format_validation_errors(list(exc.errors()))
-        return error_response(request.url.path, 400, message, param)
+        return error_response(request.url.path, 400, message, param, request=request)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         detail = exc.detail if isinstance(exc.detail, str) else "request failed"
         if exc.status_code == 404:
             detail = f"no route for {request.method} {request.url.path}"
-        return error_response(request.url.path, exc.status_code, detail, headers=getattr(exc, "headers", None))
+        return error_response(request.url.path, exc.status_code, detail, headers=getattr(exc, "headers", None),
+                              request=request)
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception):

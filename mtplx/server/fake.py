@@ -2,17 +2,25 @@
 
 Byte-level "tokenizer"; greedy output is a pure function of the prompt; sampled output a pure
 function of (prompt, seed); emits MTP-like cycles of up to depth+1 tokens with fake stats.
+Chat prompts are rendered with mtplx's Qwen3.5 template (tools, thinking).
+
+Scripted replies: when the prompt contains `[[reply:TEXT]]` (the last one counts), the model
+"generates" exactly TEXT (then EOS), byte by byte in cycles, so tests can make it emit tool
+calls, reasoning and malformed markup split at varied token boundaries.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import random
 import time
 from typing import Iterator
 
+from mtplx.chat.formats import builtin_template
 from mtplx.decoding.params import SamplingParams
 from mtplx.server.engine import GenStats, GenStep
+from mtplx.tokenizer import Tokenizer
 
 EOS = 256
 ALPHABET = "abcdefghijklmnopqrstuvwxyz "
@@ -28,15 +36,17 @@ class FakeModel:
         self.eos_after = eos_after
         self.fail_on = fail_on
         self.open_generations = 0  # generations started and not yet closed (cancellation tests)
+        self.chat_template = builtin_template("qwen3.5", thinking_default=False)
+        self._renderer = Tokenizer(None, chat_template=self.chat_template)
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def chat_ids(self, messages: list[dict], tools=None, chat_kwargs: dict | None = None) -> list[int]:
-        text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>"
-        if chat_kwargs:
-            text += "".join(f"<{k}={v}>" for k, v in sorted(chat_kwargs.items()))
+    def encode_chat(self, text: str) -> list[int]:
         return self.encode(text)
+
+    def render_chat(self, messages: list[dict], tools=None, **template_kwargs) -> str:
+        return self._renderer.apply_chat_template(messages, tools=tools, **template_kwargs)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, depth: int) -> Iterator[GenStep]:
         self.open_generations += 1
@@ -50,6 +60,12 @@ class FakeModel:
         if self.fail_on is not None and self.fail_on.encode() in bytes(x for x in prompt_ids if x < 256):
             raise RuntimeError("fake failure /secret/path/model.py line 42")
         h = int.from_bytes(hashlib.sha256(bytes(x % 256 for x in prompt_ids)).digest()[:8], "little")
+        prompt = bytes(x for x in prompt_ids if x < 256).decode("utf-8", errors="replace")
+        if "[[reply:" in prompt:
+            reply = prompt[prompt.rindex("[[reply:") + 8:]
+            yield from self._scripted(reply[: reply.index("]]")] if "]]" in reply else reply, h, params, depth, t0,
+                                      len(prompt_ids))
+            return
         rng = random.Random(params.seed if params.seed is not None else random.random()) if not params.greedy else None
         stats = GenStats(prompt_tokens=len(prompt_ids), depth=depth, drafted_by_depth=[0] * depth,
                          accepted_by_depth=[0] * depth)
@@ -99,6 +115,39 @@ class FakeModel:
             stats.decode_s = time.perf_counter() - t_first
             stats.generated_tokens = emitted
             yield GenStep(text=delta, token_ids=ids, finish_reason=finish, stop_sequence=stop_seq, stats=stats)
+            if finish is not None:
+                return
+
+
+    def _scripted(self, reply: str, h: int, params: SamplingParams, depth: int, t0: float,
+                  prompt_len: int) -> Iterator[GenStep]:
+        data = list(reply.encode("utf-8")) + [EOS]
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        stats = GenStats(prompt_tokens=prompt_len, depth=depth, drafted_by_depth=[0] * depth, accepted_by_depth=[0] * depth)
+        emitted, held, t_first = 0, "", None
+        while True:
+            n = 1 if emitted == 0 else 1 + (h + emitted) % (depth + 1)
+            ids = data[emitted: emitted + min(n, params.max_tokens - emitted)]
+            finish = "length" if emitted + len(ids) >= params.max_tokens and ids[-1:] != [EOS] else None
+            if ids[-1:] == [EOS]:
+                ids, finish = ids[:-1], "stop"
+            emitted += len(ids) + (finish == "stop")
+            stats.cycles += emitted > 0 and stats.generated_tokens > 0
+            buf = held + decoder.decode(bytes(ids), final=finish is not None)
+            hits = sorted((buf.find(s), s) for s in params.stop if s in buf)
+            stop_seq = None
+            if hits:
+                buf, held, finish, stop_seq = buf[: hits[0][0]], "", "stop", hits[0][1]
+            else:
+                keep = 0 if finish else max([k for s in params.stop for k in range(1, len(s)) if buf.endswith(s[:k])],
+                                            default=0)
+                buf, held = buf[: len(buf) - keep], buf[len(buf) - keep:]
+            if t_first is None:
+                t_first = time.perf_counter()
+                stats.prompt_s = t_first - t0
+            stats.decode_s = time.perf_counter() - t_first
+            stats.generated_tokens = emitted
+            yield GenStep(text=buf, token_ids=ids, finish_reason=finish, stop_sequence=stop_seq, stats=stats)
             if finish is not None:
                 return
 

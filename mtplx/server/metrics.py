@@ -37,6 +37,10 @@ class Metrics:
         self.active = Gauge("mtplx_active_generations", "Generations in progress", registry=r)
         self.latency = Histogram("mtplx_request_duration_seconds", "End-to-end generation time", registry=r,
                                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+        self.tool_calls = Counter("mtplx_tool_calls", "Tool calls parsed from generated text", registry=r)
+        self.tool_parse_failures = Counter("mtplx_tool_call_parse_failures",
+                                           "Generated tool calls that could not be parsed (returned as text or "
+                                           "closed incomplete), by reason", ["reason"], registry=r)
         self._drafted_tot: dict[int, int] = {}
         self._accepted_tot: dict[int, int] = {}
         self._engine = engine_ref
@@ -66,6 +70,11 @@ class Metrics:
             self._drafted_tot[k] = self._drafted_tot.get(k, 0) + d
             self._accepted_tot[k] = self._accepted_tot.get(k, 0) + a
             self.acceptance.labels(depth=str(k)).set(self._accepted_tot[k] / self._drafted_tot[k])
+
+    def record_tool_calls(self, n_calls: int, failures: list[str]) -> None:
+        self.tool_calls.inc(n_calls)
+        for reason in failures:
+            self.tool_parse_failures.labels(reason=reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -22,11 +22,14 @@ def _stats(s) -> GenStats:  # mtplx.decoding.stats.GenerationStats -> GenStats
 
 class MtplxModelAdapter:
     def __init__(self, model, max_context: int | None = None, model_id: str | None = None,
-                 draft_cutoff: float = 0.0):
+                 draft_cutoff: float = 0.0, chat_template: str | None = None):
         if model.tokenizer is None:
             raise ValueError(f"{model.path} has no tokenizer.json: the server needs a tokenizer to read text")
         self.model = model
         self.tokenizer = model.tokenizer
+        if chat_template is not None:  # --chat-template replaces the checkpoint's
+            self.tokenizer.chat_template, self.tokenizer._template = chat_template, None
+        self.chat_template = self.tokenizer.chat_template
         self.model_id = model_id or (Path(model.path).name if model.path else "mtplx-model")
         self.max_context = min(model.max_context, max_context) if max_context else model.max_context
         self._cap_context = max_context is not None and max_context < model.max_context
@@ -34,11 +37,14 @@ class MtplxModelAdapter:
         SamplingParams(draft_cutoff=draft_cutoff).validate()
         self.draft_cutoff = draft_cutoff  # the server's adaptive draft length, for every request
 
-    def chat_ids(self, messages: list[dict], tools: list | None = None, chat_kwargs: dict | None = None) -> list[int]:
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None, **template_kwargs) -> str:
         try:
-            return self.model.encode_prompt(messages, chat_kwargs)
-        except Exception as e:  # TokenizerError (no template, template raised), ValueError
+            return self.tokenizer.apply_chat_template(messages, tools=tools, **template_kwargs)
+        except Exception as e:  # TokenizerError (no template, template raised), jinja errors
             raise PromptError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+    def encode_chat(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def encode(self, text: str) -> list[int]:
         try:
@@ -59,7 +65,7 @@ class MtplxModelAdapter:
 
 def load_adapter(path: str | None, backend: str | None = None, dtype: str | None = None, depth: int | None = None,
                  max_context: int | None = None, model_id: str | None = None,
-                 threads: int | None = None, draft_cutoff: float = 0.0,
+                 threads: int | None = None, draft_cutoff: float = 0.0, chat_template: str | None = None,
                  **load_options) -> tuple[MtplxModelAdapter, int]:
     """Load a checkpoint (None: the embedded default) -> (adapter, MTP depth to serve with)."""
     import mtplx.api as api
@@ -70,7 +76,9 @@ def load_adapter(path: str | None, backend: str | None = None, dtype: str | None
 
         apply_default_threads(model.model)
     depth = api.resolve_depth(model, depth)
-    return MtplxModelAdapter(model, max_context=max_context, model_id=model_id, draft_cutoff=draft_cutoff), depth
+    adapter = MtplxModelAdapter(model, max_context=max_context, model_id=model_id, draft_cutoff=draft_cutoff,
+                                chat_template=chat_template)
+    return adapter, depth
 
 
 def real_engine_available() -> bool:
@@ -85,8 +93,16 @@ def real_engine_available() -> bool:
 
 
 def write_test_checkpoint(out_dir, preset: str = "qwen3.5-35b-a3b") -> Path:
-    """A tiny random MoE checkpoint with an MTP head and a ChatML tokenizer (server tests)."""
+    """A tiny random MoE checkpoint with an MTP head and a tokenizer whose chat template is mtplx's
+    Qwen3.5 one (tools, thinking) - server tests."""
+    import json
+
+    from mtplx.chat.formats import builtin_template
     from mtplx.checkpoint.synthetic import write_synthetic_checkpoint
 
     ck = write_synthetic_checkpoint(Path(out_dir) / "tiny-moe", preset, tokenizer=True, seed=0)
+    cfg_path = Path(ck.path) / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = builtin_template("qwen3.5")
+    cfg_path.write_text(json.dumps(cfg))
     return Path(ck.path)

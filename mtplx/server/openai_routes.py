@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from mtplx.chat.events import ReasoningDelta, TextDelta, ToolCallArgs, ToolCallStart
+from mtplx.chat.tools import ToolCall, log_skipped, openai_tool_choice, openai_tools
+from mtplx.server.chat import ChatFinish, Conversation, chat_events, collect_chat, start_chat
 from mtplx.server.common import (
-    APIError, DoneEvent, SSEResponse, StepEvent, collect, job_events, make_params, new_id, now,
+    APIError, DoneEvent, SSEResponse, StepEvent, collect, job_events, make_params, new_id, note_request, now,
     resolve_max_tokens, tokenize, sse_data, submit, timings,
 )
 from mtplx.server.errors import error_body
@@ -35,10 +39,6 @@ def _unsupported(req, chat: bool) -> None:
             raise APIError(400, "logprobs are not supported", param="logprobs")
         if req.top_logprobs:
             raise APIError(400, "top_logprobs is not supported", param="top_logprobs")
-        if req.tools:
-            raise APIError(400, "tools / function calling are not supported by this server yet", param="tools")
-        if req.tool_choice not in (None, "none", "auto"):
-            raise APIError(400, "tool_choice is not supported by this server yet", param="tool_choice")
         rf = req.response_format
         if rf is not None and rf.get("type") != "text":
             raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
@@ -53,27 +53,72 @@ def _unsupported(req, chat: bool) -> None:
             raise APIError(400, "logprobs are not supported", param="logprobs")
 
 
-def _to_template(messages: list[ChatMessage]) -> list[dict]:
+def _text(content, where: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    chunks = []
+    for j, part in enumerate(content):
+        if not isinstance(part, TextPart):
+            raise APIError(400, f"content part type '{part.type}' is not supported (text only)",
+                           param=f"{where}.{j}")
+        chunks.append(part.text)
+    return "".join(chunks)
+
+
+def parse_arguments(raw: str | dict, where: str) -> dict:
+    """A call's `arguments` JSON string (from the history) -> an object; "" means no arguments."""
+    if isinstance(raw, dict):
+        return raw
+    if not raw.strip():
+        return {}
+    try:
+        args = json.loads(raw)
+    except ValueError:
+        raise APIError(400, f"'{where}': expected the arguments as a JSON object in a string, found invalid JSON",
+                       param=where) from None
+    if not isinstance(args, dict):
+        raise APIError(400, f"'{where}': expected a JSON object, found {type(args).__name__}", param=where)
+    return args
+
+
+def _messages(messages: list[ChatMessage]) -> list[dict]:
     out = []
     for i, m in enumerate(messages):
-        if m.role == "tool" or m.tool_calls:
-            raise APIError(400, "tool messages and tool_calls are not supported by this server yet",
-                           param=f"messages.{i}")
-        if m.content is None:
-            text = ""
-        elif isinstance(m.content, str):
-            text = m.content
-        else:
-            chunks = []
-            for j, part in enumerate(m.content):
-                if not isinstance(part, TextPart):
-                    raise APIError(400, f"content part type '{part.type}' is not supported (text only)",
-                                   param=f"messages.{i}.content.{j}")
-                chunks.append(part.text)
-            text = "".join(chunks)
-        role = "system" if m.role == "developer" else m.role
-        out.append({"role": role, "content": text})
+        msg = {"role": "system" if m.role == "developer" else m.role, "content": _text(m.content, f"messages.{i}.content")}
+        if m.role == "assistant":
+            reasoning = m.reasoning_content if m.reasoning_content is not None else m.reasoning
+            if reasoning:
+                msg["reasoning_content"] = reasoning
+            msg["tool_calls"] = [
+                ToolCall(c.id or f"call_{i}_{j}", c.function.name,
+                         parse_arguments(c.function.arguments, f"messages.{i}.tool_calls.{j}.function.arguments"))
+                for j, c in enumerate(m.tool_calls or [])]
+        elif m.tool_calls:
+            raise APIError(400, f"'messages.{i}.tool_calls': only assistant messages carry tool calls",
+                           param=f"messages.{i}.tool_calls")
+        if m.role == "tool":
+            if not m.tool_call_id:
+                raise APIError(400, f"'messages.{i}.tool_call_id' is required: the id of the call this result answers",
+                               param=f"messages.{i}.tool_call_id")
+            msg["tool_call_id"] = m.tool_call_id
+        out.append(msg)
     return out
+
+
+def _chat_kwargs(body: ChatCompletionRequest) -> dict:
+    kwargs = dict(body.chat_template_kwargs or {})
+    if body.reasoning_effort == "none" and "enable_thinking" not in kwargs:
+        kwargs["enable_thinking"] = False
+    return kwargs
+
+
+def conversation(body: ChatCompletionRequest) -> Conversation:
+    tools, skipped = openai_tools(body.tools)
+    log_skipped(skipped, "chat.completions")
+    choice = openai_tool_choice(body.tool_choice, tools, body.parallel_tool_calls)
+    return Conversation(_messages(body.messages), tools, choice, _chat_kwargs(body))
 
 
 def _stops(stop) -> list[str]:
@@ -95,85 +140,117 @@ def _finish(reason: str) -> str:
 async def list_models(request: Request):
     st = _state(request)
     return {"object": "list", "data": [
-        {"id": st.model_id, "object": "model", "created": st.created, "owned_by": "mtplx",
-         "max_model_len": st.engine.model.max_context, "mtp_depth": st.engine.depth}]}
+        {"id": name, "object": "model", "created": st.created, "owned_by": "mtplx",
+         "max_model_len": st.engine.model.max_context, "mtp_depth": st.engine.depth} for name in st.aliases]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request):
     st = _state(request)
-    if model_id != st.model_id:
-        raise APIError(404, f"The model '{model_id}' does not exist; this server serves '{st.model_id}'",
+    if model_id not in st.aliases:
+        raise APIError(404, f"The model '{model_id}' does not exist; this server serves {', '.join(map(repr, st.aliases))}",
                        param="model", code="model_not_found")
-    return {"id": st.model_id, "object": "model", "created": st.created, "owned_by": "mtplx"}
+    return {"id": model_id, "object": "model", "created": st.created, "owned_by": "mtplx"}
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     st = _state(request)
     _unsupported(body, chat=True)
-    messages = _to_template(body.messages)
-    prompt_ids = await tokenize(st.engine.model.chat_ids, messages, None, body.chat_template_kwargs)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    max_tokens = resolve_max_tokens(requested, len(prompt_ids), st.engine.model.max_context, st.max_tokens_cap,
-                                    "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
-    params = make_params(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
-                         seed=body.seed, max_tokens=max_tokens, stop=_stops(body.stop), ignore_eos=body.ignore_eos)
-    job = submit(st.engine, prompt_ids, params)
+    sampling = dict(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+                    seed=body.seed, stop=_stops(body.stop), ignore_eos=body.ignore_eos)
+    run = await start_chat(st, conversation(body), requested, sampling)
     cid, created = new_id("chatcmpl-"), now()
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return SSEResponse(_chat_stream(job, cid, created, st.model_id, include_usage, request.url.path),
-                           on_close=job.cancel)
-    out = await collect(job, request)
+        return SSEResponse(_chat_stream(run, cid, created, st, include_usage, request), on_close=run.job.cancel)
+    out = await collect_chat(run, request, st.metrics)
+    note_request(request, out.finish.stats)
+    message: dict[str, Any] = {"role": "assistant", "content": out.text if out.text or not out.calls else None}
+    if out.reasoning:
+        message["reasoning_content"] = out.reasoning
+    if out.calls:
+        message["tool_calls"] = [_call_json(c) for c in out.calls]
     return JSONResponse({
         "id": cid, "object": "chat.completion", "created": created, "model": st.model_id,
         "system_fingerprint": st.fingerprint,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
-                     "logprobs": None, "finish_reason": _finish(out.finish_reason)}],
-        "usage": _usage(len(prompt_ids), out.completion_tokens),
-        "timings": timings(out.stats),
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": out.finish.reason}],
+        "usage": _usage(len(run.prompt_ids), out.finish.completion_tokens),
+        "timings": timings(out.finish.stats),
     })
 
 
-async def _openai_stream(job, cid, created, model_id, include_usage, path, obj: str, choice, first=None):
-    """SSE for both OpenAI endpoints: `obj` is the chunk object name, `choice(text, finish)` the
-    endpoint's choice body; `first` an optional opening choice (chat sends the role first)."""
-    def chunk(choice_body: dict, **extra) -> dict:
-        c: dict[str, Any] = {"id": cid, "object": obj, "created": created, "model": model_id,
-                             "system_fingerprint": None, "choices": [{"index": 0, **choice_body}]}
-        if include_usage:
-            c["usage"] = None
-        c.update(extra)
-        return c
+def _call_json(c: ToolCall) -> dict:
+    return {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments_json}}
 
-    if first is not None:
-        yield sse_data(chunk(first))
+
+def _chunk(cid: str, created: int, model_id: str, obj: str, include_usage: bool, choice: dict | None, **extra) -> dict:
+    c: dict[str, Any] = {"id": cid, "object": obj, "created": created, "model": model_id,
+                         "system_fingerprint": None, "choices": [{"index": 0, **choice}] if choice else []}
+    if include_usage:
+        c["usage"] = None
+    c.update(extra)
+    return c
+
+
+def _chat_delta(ev) -> dict | None:
+    if isinstance(ev, TextDelta):
+        return {"content": ev.text}
+    if isinstance(ev, ReasoningDelta):
+        return {"reasoning_content": ev.text}
+    if isinstance(ev, ToolCallStart):
+        return {"tool_calls": [{"index": ev.index, "id": ev.id, "type": "function",
+                                "function": {"name": ev.name, "arguments": ""}}]}
+    if isinstance(ev, ToolCallArgs):
+        return {"tool_calls": [{"index": ev.index, "function": {"arguments": ev.fragment}}]}
+    return None  # ToolCallEnd: its pieces were already sent
+
+
+async def _chat_stream(run, cid, created, st, include_usage, request):
+    def chunk(choice, **extra):
+        return _chunk(cid, created, st.model_id, "chat.completion.chunk", include_usage, choice, **extra)
+
+    yield sse_data(chunk({"delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}))
+    try:
+        async for ev in chat_events(run, metrics=st.metrics):
+            if isinstance(ev, ChatFinish):
+                note_request(request, ev.stats)
+                yield sse_data(chunk({"delta": {}, "logprobs": None, "finish_reason": ev.reason},
+                                     timings=timings(ev.stats)))
+                if include_usage:
+                    yield sse_data(chunk(None, usage=_usage(len(run.prompt_ids), ev.completion_tokens),
+                                         timings=timings(ev.stats)))
+                continue
+            delta = _chat_delta(ev)
+            if delta is not None:
+                yield sse_data(chunk({"delta": delta, "logprobs": None, "finish_reason": None}))
+    except APIError as e:
+        yield sse_data(error_body(request.url.path, e.status, e.message))
+    yield "data: [DONE]\n\n"
+
+
+async def _completion_stream(job, cid, created, model_id, include_usage, request):
+    def chunk(choice, **extra):
+        return _chunk(cid, created, model_id, "text_completion", include_usage, choice, **extra)
+
     n = 0
     try:
         async for ev in job_events(job):
             if isinstance(ev, StepEvent):
                 n += len(ev.step.token_ids)
                 if ev.step.text:
-                    yield sse_data(chunk(choice(ev.step.text, None)))
+                    yield sse_data(chunk({"text": ev.step.text, "logprobs": None, "finish_reason": None}))
             elif isinstance(ev, DoneEvent):
-                yield sse_data(chunk(choice("", _finish(ev.finish_reason)), timings=timings(ev.stats)))
+                note_request(request, ev.stats)
+                yield sse_data(chunk({"text": "", "logprobs": None, "finish_reason": _finish(ev.finish_reason)},
+                                     timings=timings(ev.stats)))
                 if include_usage:
-                    yield sse_data({"id": cid, "object": obj, "created": created, "model": model_id,
-                                    "system_fingerprint": None, "choices": [],
-                                    "usage": _usage(len(job.prompt_ids), ev.stats.generated_tokens or n),
-                                    "timings": timings(ev.stats)})
+                    yield sse_data(chunk(None, usage=_usage(len(job.prompt_ids), ev.stats.generated_tokens or n),
+                                         timings=timings(ev.stats)))
     except APIError as e:
-        yield sse_data(error_body(path, e.status, e.message))
+        yield sse_data(error_body(request.url.path, e.status, e.message))
     yield "data: [DONE]\n\n"
-
-
-def _chat_stream(job, cid, created, model_id, include_usage, path):
-    def choice(text, finish):
-        return {"delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": finish}
-
-    first = {"delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-    return _openai_stream(job, cid, created, model_id, include_usage, path, "chat.completion.chunk", choice, first)
 
 
 @router.post("/v1/completions")
@@ -200,9 +277,10 @@ async def completions(body: CompletionRequest, request: Request):
     cid, created = new_id("cmpl-"), now()
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return SSEResponse(_completion_stream(job, cid, created, st.model_id, include_usage, request.url.path),
+        return SSEResponse(_completion_stream(job, cid, created, st.model_id, include_usage, request),
                            on_close=job.cancel)
     out = await collect(job, request)
+    note_request(request, out.stats)
     return JSONResponse({
         "id": cid, "object": "text_completion", "created": created, "model": st.model_id,
         "system_fingerprint": st.fingerprint,
@@ -211,9 +289,3 @@ async def completions(body: CompletionRequest, request: Request):
         "timings": timings(out.stats),
     })
 
-
-def _completion_stream(job, cid, created, model_id, include_usage, path):
-    def choice(text, finish):
-        return {"text": text, "logprobs": None, "finish_reason": finish}
-
-    return _openai_stream(job, cid, created, model_id, include_usage, path, "text_completion", choice)

@@ -41,8 +41,8 @@ ContentPart = Union[TextPart, OtherPart]
 
 
 class ToolCallFunction(_Strict):
-    name: str
-    arguments: str = ""
+    name: Annotated[str, Field(min_length=1, max_length=256)]
+    arguments: Annotated[str, Field(max_length=MAX_TEXT)] | dict[str, Any] = ""  # a JSON string (some clients: an object)
 
 
 class ToolCall(_Strict):
@@ -57,6 +57,8 @@ class ChatMessage(_Strict):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    reasoning_content: Annotated[str, Field(max_length=MAX_TEXT)] | None = None  # vLLM / llama.cpp convention
+    reasoning: Annotated[str, Field(max_length=MAX_TEXT)] | None = None  # the same, as some clients name it
 
 
 class StreamOptions(_Strict):
@@ -91,6 +93,7 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    reasoning_effort: str | None = None  # accepted; "none" turns the template's thinking off
     # vLLM extension: extra variables for the chat template, e.g. {"enable_thinking": false}
     chat_template_kwargs: Annotated[dict[str, Union[bool, int, float, str, None]], Field(max_length=16)] | None = None
 
@@ -119,7 +122,7 @@ ABlock = Union[ATextBlock, AOtherBlock]
 
 
 class AMessage(_Strict):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]  # Claude Code puts system messages inside `messages`
     content: Annotated[str, Field(max_length=MAX_TEXT)] | list[ABlock]
 
 
@@ -137,6 +140,7 @@ class MessagesRequest(_Strict):
     tools: list[dict[str, Any]] | None = None
     tool_choice: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None
+    # accepted and not used: context_management, output_config, service_tier, cache_control (in blocks)
 
 
 class CountTokensRequest(_Strict):
@@ -144,3 +148,25 @@ class CountTokensRequest(_Strict):
     messages: Annotated[list[AMessage], Field(min_length=1)]
     system: Annotated[str, Field(max_length=MAX_TEXT)] | list[ATextBlock] | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None
+
+
+# ------------------------------------------------------------------------------ Responses
+class ResponsesRequest(_Strict):
+    model: Annotated[str, Field(max_length=512)] | None = None
+    input: Annotated[str, Field(max_length=MAX_TEXT)] | Annotated[list[Any], Field(min_length=1)]
+    instructions: Annotated[str, Field(max_length=MAX_TEXT)] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    max_output_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    stream: bool = False
+    store: bool | None = None
+    previous_response_id: str | None = None
+    reasoning: dict[str, Any] | None = None
+    text: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+    # accepted and not used: include, prompt_cache_key, truncation, service_tier, user, safety_identifier
