@@ -54,8 +54,9 @@ def _newline_tail(s: str) -> int:
 class _Call:
     """The call being parsed: its markup so far and what was already announced."""
 
-    def __init__(self, index: int):
+    def __init__(self, index: int, lead: str = ""):
         self.index = index
+        self.lead = lead  # the blank space dropped before <tool_call> (given back if this is no call)
         self.text = ""  # markup after <tool_call>
         self.pos = 0  # XML: parsed up to here
         self.id: str | None = None
@@ -149,9 +150,10 @@ class ChatParser:
         if self.parse_tools:
             i = self.buf.find(CALL_OPEN)
             if i >= 0:
-                self._release(out, self.buf[:i].rstrip())  # the blank lines before a call are markup
+                before = self.buf[:i]
+                self._release(out, before.rstrip())  # the blank lines before a call are markup
                 self.buf = self.buf[i + len(CALL_OPEN):]
-                self._call = _Call(len(self.calls))
+                self._call = _Call(len(self.calls), before[len(before.rstrip()):])
                 self.state = "call"
                 return True
         if final:
@@ -194,14 +196,18 @@ class ChatParser:
     def _abandon(self, out: list, reason: str) -> None:
         """The call cannot be completed: text when it was never announced, else closed as incomplete."""
         call = self._call
+        call.text += self.buf
         self.failures.append(reason)
-        raw = CALL_OPEN + call.text + self.buf
+        raw = CALL_OPEN + call.text
         self._call, self.buf, self.state = None, "", "content"
         if call.id is None:
-            self._release(out, raw)
+            self._release(out, call.lead + raw)
             return
-        args = coerce_arguments(call.values, call.tool)
-        tc = ToolCall(call.id, call.name, args)
+        values = dict(call.values)
+        m = _PARAM_RE.match(call.text, call.pos)
+        if m is not None:  # a parameter cut off mid-value keeps what it has
+            values[m.group(1).strip()] = call.text[m.end():].removeprefix("\n")
+        tc = ToolCall(call.id, call.name, coerce_arguments(values, call.tool))
         out.append(ToolCallEnd(call.index, tc, complete=False, raw=raw))
 
     def _xml_call(self, out: list, final: bool) -> bool:
@@ -214,7 +220,7 @@ class ChatParser:
             if m is None:
                 s = rest.lstrip()
                 pending = "<function=".startswith(s) or (s.startswith("<function=") and "\n" not in s)
-                if final or not pending or len(rest) > MAX_NAME:
+                if not pending or len(rest) > MAX_NAME:
                     self._abandon(out, "malformed")
                     return True
                 return False
@@ -230,7 +236,7 @@ class ChatParser:
                 self.buf = call.text[call.pos:]
                 self._close(out, coerce_arguments(call.values, call.tool))
                 return True
-            if final or (stripped and not CALL_CLOSE.startswith(stripped)):
+            if stripped and not CALL_CLOSE.startswith(stripped):
                 self._abandon(out, "malformed")
                 return True
             return False
@@ -240,7 +246,7 @@ class ChatParser:
             return True
         m = _PARAM_RE.match(rest)
         if m is None:
-            if final or (stripped and not any(t.startswith(stripped[:len(t)]) for t in _AFTER_PARAM)):
+            if stripped and not any(t.startswith(stripped[:len(t)]) for t in _AFTER_PARAM):
                 self._abandon(out, "malformed")
                 return True
             return False

@@ -34,6 +34,7 @@ class Tool:
     description: str = ""
     parameters: dict = field(default_factory=lambda: dict(EMPTY_OBJECT_SCHEMA))  # a JSON schema of type object
     kind: str = "function"  # "function", or "custom" (Responses freeform tools: one string `input`)
+    namespace: str | None = None  # Responses namespace tools: the group a function belongs to
 
     def template_dict(self) -> dict:
         """The OpenAI-style object the Qwen templates list inside <tools>."""
@@ -116,8 +117,10 @@ def openai_tools(raw: list | None, param: str = "tools") -> tuple[list[Tool], li
     return _unique(tools, param), skipped
 
 
-def responses_tools(raw: list | None, param: str = "tools") -> tuple[list[Tool], list[str]]:
-    """Responses API tools (flat {"type": "function", "name", "parameters"}; "custom" freeform tools)."""
+def responses_tools(raw: list | None, param: str = "tools", namespace: str | None = None
+                    ) -> tuple[list[Tool], list[str]]:
+    """Responses API tools (flat {"type": "function", "name", "parameters"}; "custom" freeform tools;
+    "namespace" groups of functions, which the model sees by their own names)."""
     tools, skipped = [], []
     for i, t in enumerate(raw or []):
         p = f"{param}.{i}"
@@ -126,15 +129,20 @@ def responses_tools(raw: list | None, param: str = "tools") -> tuple[list[Tool],
         kind = t.get("type")
         if kind == "function":
             tools.append(Tool(_check_name(t.get("name"), f"{p}.name"), _description(t, p),
-                              _check_schema(t.get("parameters"), f"{p}.parameters")))
+                              _check_schema(t.get("parameters"), f"{p}.parameters"), namespace=namespace))
+        elif kind == "namespace" and namespace is None:
+            inner, inner_skipped = responses_tools(t.get("tools"), f"{p}.tools", _check_name(t.get("name"), f"{p}.name"))
+            tools += inner
+            skipped += inner_skipped
         elif kind == "custom":
             desc = _description(t, p)
             schema = {"type": "object", "properties": {"input": {"type": "string", "description":
                       "the tool's whole input as free text"}}, "required": ["input"]}
-            tools.append(Tool(_check_name(t.get("name"), f"{p}.name"), desc, schema, kind="custom"))
+            tools.append(Tool(_check_name(t.get("name"), f"{p}.name"), desc, schema, kind="custom",
+                              namespace=namespace))
         else:  # hosted tools (web_search, file_search, local_shell...) run on OpenAI's side, not here
             skipped.append(str(kind))
-    return _unique(tools, param), skipped
+    return (_unique(tools, param) if namespace is None else tools), skipped
 
 
 def anthropic_tools(raw: list | None, param: str = "tools") -> tuple[list[Tool], list[str]]:

@@ -152,7 +152,7 @@ class _Output:
 
     def __init__(self, tools_by_name: dict):
         self.items: list[dict] = []
-        self.kinds = {name: t.kind for name, t in tools_by_name.items()}
+        self.tools = tools_by_name
         self.open: dict | None = None  # the item being written (reasoning or message)
         self.calls: dict[int, dict] = {}  # call index -> its item
 
@@ -211,12 +211,15 @@ class _Output:
             return out + [(name, body)]
         if isinstance(ev, ToolCallStart):
             out = self.close()
-            if self.kinds.get(ev.name) == "custom":
+            tool = self.tools.get(ev.name)
+            if tool is not None and tool.kind == "custom":
                 item = {"type": "custom_tool_call", "id": new_id("ctc_"), "call_id": ev.id, "name": ev.name,
                         "input": "", "status": "in_progress"}
             else:
                 item = {"type": "function_call", "id": new_id("fc_"), "call_id": ev.id, "name": ev.name,
                         "arguments": "", "status": "in_progress"}
+            if tool is not None and tool.namespace:
+                item["namespace"] = tool.namespace
             self.calls[ev.index] = item
             return out + self._add(item)
         if isinstance(ev, ToolCallArgs):
