@@ -173,9 +173,13 @@ def test_openai_stream_helper_final_completion(oai, M):
 
 
 def test_openai_parse_helper_with_tools(oai, M):
-    r = oai.chat.completions.parse(model=M, messages=user(TEXT_THEN_CALL), tools=OAI_TOOLS)
+    # .parse() auto-parses only `strict` function tools (a closed schema, every property required)
+    strict = [{"type": "function", "function": {"name": "get_time", "strict": True, "parameters": {
+        **TIME_SCHEMA, "additionalProperties": False}}}]
+    r = oai.chat.completions.parse(model=M, messages=user("Checking.\n\n" + TIME_CALL), tools=strict)
     tc = r.choices[0].message.tool_calls[0]
-    assert tc.function.name == "get_weather" and json.loads(tc.function.arguments) == WEATHER_ARGS
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content == "Checking."
+    assert tc.function.name == "get_time" and tc.function.parsed_arguments == {"tz": "UTC"}
 
 
 # =============================================================================== 2. tool_choice

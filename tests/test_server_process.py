@@ -110,8 +110,12 @@ def test_openai_sdk_errors(oai, server):
     with pytest.raises(openai.BadRequestError) as e:
         oai.chat.completions.create(model=server.model_id, messages=USER, n=2)
     assert "n" in str(e.value)
+    # a max_tokens beyond the context is clamped (finish "length"); only a prompt that cannot fit is a 400
+    r = oai.chat.completions.create(model=server.model_id, messages=USER, max_tokens=10**9, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    room = httpx.get(server.base_url + "/v1/models").json()["data"][0]["max_model_len"]
     with pytest.raises(openai.BadRequestError) as e:
-        oai.chat.completions.create(model=server.model_id, messages=USER, max_tokens=10**9)
+        oai.chat.completions.create(model=server.model_id, messages=[{"role": "user", "content": "x " * room}])
     assert e.value.code == "context_length_exceeded"
 
 
@@ -210,7 +214,7 @@ BAD_BODIES = [
     (b"", 400),
     (json.dumps({"messages": [{"role": "robot", "content": "x"}]}).encode(), 400),
     (json.dumps({"messages": []}).encode(), 400),
-    (json.dumps({"messages": [{"role": "user"}], "max_tokens": 10**15}).encode(), 400),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**15, "n": 2}).encode(), 400),
     (json.dumps({"messages": [{"role": "user", "content": 5}]}).encode(), 400),
     (json.dumps({"messages": [{"role": "user", "content": "x"}], "top_p": 0}).encode(), 400),
     (json.dumps({"messages": [{"role": "user", "content": "x" * (9 << 20)}]}).encode(), 413),

@@ -94,7 +94,7 @@ def real_engine_available() -> bool:
 
 def write_test_checkpoint(out_dir, preset: str = "qwen3.5-35b-a3b") -> Path:
     """A tiny random MoE checkpoint with an MTP head and a tokenizer whose chat template is mtplx's
-    Qwen3.5 one (tools, thinking) - server tests."""
+    Qwen3.5 one (tools; thinking off unless asked) - server tests."""
     import json
 
     from mtplx.chat.formats import builtin_template
@@ -103,6 +103,6 @@ def write_test_checkpoint(out_dir, preset: str = "qwen3.5-35b-a3b") -> Path:
     ck = write_synthetic_checkpoint(Path(out_dir) / "tiny-moe", preset, tokenizer=True, seed=0)
     cfg_path = Path(ck.path) / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["chat_template"] = builtin_template("qwen3.5")
+    cfg["chat_template"] = builtin_template("qwen3.5", thinking_default=False)
     cfg_path.write_text(json.dumps(cfg))
     return Path(ck.path)

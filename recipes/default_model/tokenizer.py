@@ -3,7 +3,8 @@
     python recipes/default_model/tokenizer.py   # -> runs/default_model/tokenizer.json, tokenizer_config.json
 
 Special tokens get ids 0..2: <|endoftext|>, <|im_start|>, <|im_end|>. The tokenizer_config
-carries a ChatML chat template (the Qwen style, without tools).
+carries mtplx's Qwen3.5-structured chat template (tools, XML calls, <think> blocks; thinking
+off by default for this model, which was not trained to reason).
 """
 
 from __future__ import annotations
@@ -18,12 +19,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+from mtplx.chat.formats import builtin_template  # noqa: E402
+
+CHAT_TEMPLATE = builtin_template("qwen3.5", thinking_default=False)
 
 
 def tokenizer_config() -> dict:
