@@ -9,6 +9,7 @@ varied cycle sizes, so each test scripts the exact markup (Qwen3.5 XML tool call
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,34 @@ def oai(server):
 def ant(server):
     return anthropic.Anthropic(base_url=server.base_url, api_key="unused", max_retries=0, timeout=30,
                                _strict_response_validation=True)
+
+
+class _UsageShim(httpx.BaseTransport):
+    """Adds `usage.input_tokens_details.cache_write_tokens` where the server leaves it out, so the
+    Responses tests below check everything else under strict validation; the missing field itself
+    is test_responses_strict_usage_validation (xfail). A no-op once the server sends the field."""
+
+    PATTERN = re.compile(rb'"input_tokens_details":\s*\{"cached_tokens":\s*(\d+)\}')
+
+    def __init__(self):
+        self.inner = httpx.HTTPTransport()
+
+    def handle_request(self, request):
+        r = self.inner.handle_request(request)
+        body = self.PATTERN.sub(rb'"input_tokens_details": {"cached_tokens": \1, "cache_write_tokens": 0}', r.read())
+        headers = [(k, v) for k, v in r.headers.items() if k.lower() not in ("content-length", "content-encoding",
+                                                                            "transfer-encoding")]
+        return httpx.Response(r.status_code, headers=headers, content=body, request=request)
+
+    def close(self):
+        self.inner.close()
+
+
+@pytest.fixture(scope="module")
+def roai(server):
+    """The strict OpenAI client for the Responses API (through _UsageShim)."""
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=30,
+                         _strict_response_validation=True, http_client=httpx.Client(transport=_UsageShim()))
 
 
 @pytest.fixture
@@ -205,6 +234,16 @@ def test_openai_parallel_tool_calls_false(oai, M):
     assert "get_time" not in (r.choices[0].message.content or "")
 
 
+def test_openai_parallel_tool_calls_false_stream(oai, M):
+    chunks = list(oai.chat.completions.create(model=M, messages=user(TWO_CALLS), tools=OAI_TOOLS,
+                                              parallel_tool_calls=False, stream=True))
+    calls = _join_stream_calls(chunks)
+    assert list(calls) == [0] and calls[0]["name"] == "get_weather"
+    assert json.loads(calls[0]["arguments"]) == WEATHER_ARGS
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Checking both."
+
+
 def test_openai_tool_choice_none(oai, M):
     r = oai.chat.completions.create(model=M, messages=user(TEXT_THEN_CALL), tools=OAI_TOOLS, tool_choice="none")
     msg = r.choices[0].message
@@ -259,7 +298,7 @@ def test_openai_tool_result_unknown_id(oai, M):
     with pytest.raises(openai.BadRequestError) as e:
         oai.chat.completions.create(model=M, messages=msgs, tools=OAI_TOOLS)
     assert e.value.status_code == 400
-    assert "tool_call_id" in e.value.message and "call_zzz" in e.value.message
+    assert "messages.2" in e.value.message and "call_zzz" in e.value.message and "call id" in e.value.message
     assert e.value.param == "messages.2.tool_call_id"
 
 
@@ -430,6 +469,18 @@ def test_anthropic_system_message_inside_messages(ant, server, M):
     assert m.content[0].text == "ok"
 
 
+def test_anthropic_disable_parallel_and_count_tokens(ant, M):
+    m = ant.messages.create(model=M, max_tokens=512, messages=user(TWO_CALLS), tools=ANT_TOOLS,
+                            tool_choice={"type": "auto", "disable_parallel_tool_use": True})
+    assert [b.type for b in m.content] == ["text", "tool_use"] and m.stop_reason == "tool_use"
+    m = ant.messages.create(model=M, max_tokens=512, messages=user(TWO_CALLS), tools=ANT_TOOLS)
+    assert [b.type for b in m.content] == ["text", "tool_use", "tool_use"]
+    assert [b.name for b in m.content[1:]] == ["get_weather", "get_time"] and m.content[2].input == {"tz": "UTC"}
+    plain = ant.messages.count_tokens(model=M, messages=user("x")).input_tokens
+    with_tools = ant.messages.count_tokens(model=M, messages=user("x"), tools=ANT_TOOLS).input_tokens
+    assert with_tools > plain > 0
+
+
 def test_anthropic_max_tokens_larger_than_context(ant, M):
     m = ant.messages.create(model=M, max_tokens=32000, messages=user("short"))
     assert m.stop_reason in ("end_turn", "max_tokens") and m.content[0].text == "short"
@@ -438,12 +489,20 @@ def test_anthropic_max_tokens_larger_than_context(ant, M):
 
 
 # =============================================================================== 6. Responses API
+@pytest.mark.xfail(strict=True, raises=openai.APIResponseValidationError, reason=(
+    "server bug: the Responses API's usage.input_tokens_details has only cached_tokens; the openai SDK "
+    "(ResponseUsage.InputTokensDetails) requires cache_write_tokens too, so every strict client rejects "
+    "every finished response (non-stream body, response.completed / response.incomplete events)"))
+def test_responses_strict_usage_validation(oai, M):
+    oai.responses.create(model=M, input=ask("Hello."))
+
+
 def _items(resp, kind):
     return [o for o in resp.output if o.type == kind]
 
 
-def test_responses_function_call(oai, M):
-    r = oai.responses.create(model=M, input=ask(TEXT_THEN_CALL), tools=RESP_TOOLS)
+def test_responses_function_call(roai, M):
+    r = roai.responses.create(model=M, input=ask(TEXT_THEN_CALL), tools=RESP_TOOLS)
     assert r.status == "completed"
     assert [o.type for o in r.output] == ["message", "function_call"]
     assert r.output_text == "Let me look."
@@ -452,14 +511,14 @@ def test_responses_function_call(oai, M):
     assert isinstance(fc.arguments, str) and json.loads(fc.arguments) == WEATHER_ARGS
 
 
-def test_responses_text(oai, M):
-    r = oai.responses.create(model=M, input=ask("Hello there."), instructions="You are terse.")
+def test_responses_text(roai, M):
+    r = roai.responses.create(model=M, input=ask("Hello there."), instructions="You are terse.")
     assert r.status == "completed" and r.output_text == "Hello there."
     assert r.instructions == "You are terse." and r.usage.output_tokens > 0
 
 
-def test_responses_stream_events(oai, M):
-    events = list(oai.responses.create(model=M, input=ask(TEXT_THEN_CALL), tools=RESP_TOOLS, stream=True))
+def test_responses_stream_events(roai, M):
+    events = list(roai.responses.create(model=M, input=ask(TEXT_THEN_CALL), tools=RESP_TOOLS, stream=True))
     types = [e.type for e in events]
     assert types[:2] == ["response.created", "response.in_progress"] and types[-1] == "response.completed"
     for t in ("response.output_item.added", "response.output_text.delta", "response.function_call_arguments.delta",
@@ -478,8 +537,8 @@ def test_responses_stream_events(oai, M):
     assert final.output[1].arguments == args
 
 
-def test_responses_stream_helper(oai, M):
-    with oai.responses.stream(model=M, input=ask(TEXT_THEN_CALL), tools=RESP_TOOLS) as stream:
+def test_responses_stream_helper(roai, M):
+    with roai.responses.stream(model=M, input=ask(TEXT_THEN_CALL), tools=RESP_TOOLS) as stream:
         types = [ev.type for ev in stream]
         final = stream.get_final_response()
     assert types[0] == "response.created" and types[-1] == "response.completed"
@@ -488,50 +547,85 @@ def test_responses_stream_helper(oai, M):
     assert fc.name == "get_weather" and json.loads(fc.arguments) == WEATHER_ARGS
 
 
-def test_responses_function_call_output_followup(oai, M):
-    first = oai.responses.create(model=M, input=ask(TEXT_THEN_CALL), tools=RESP_TOOLS)
+def test_responses_function_call_output_followup(roai, M):
+    first = roai.responses.create(model=M, input=ask(TEXT_THEN_CALL), tools=RESP_TOOLS)
     fc = _items(first, "function_call")[0]
     inp = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather in Paris?"}]},
            fc.model_dump(exclude_none=True),
            {"type": "function_call_output", "call_id": fc.call_id, "output": '{"forecast": "sunny"}'},
            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": ask("Sunny.", "So?")}]}]
-    r = oai.responses.create(model=M, input=inp, tools=RESP_TOOLS)
+    r = roai.responses.create(model=M, input=inp, tools=RESP_TOOLS)
     assert r.status == "completed" and r.output_text == "Sunny."
     # a function_call_output that answers no call
     bad = [inp[0], {"type": "function_call_output", "call_id": "call_nope", "output": "x"}]
     with pytest.raises(openai.BadRequestError) as e:
-        oai.responses.create(model=M, input=bad, tools=RESP_TOOLS)
+        roai.responses.create(model=M, input=bad, tools=RESP_TOOLS)
     assert "call_nope" in e.value.message
 
 
-def test_responses_previous_response_id_refused(oai, M):
+def test_responses_tool_choice(roai, M):
+    r = roai.responses.create(model=M, input=ask(NAMED_REST), tools=RESP_TOOLS,
+                              tool_choice={"type": "function", "name": "get_weather"})
+    assert [o.type for o in r.output] == ["function_call"] and json.loads(r.output[0].arguments) == WEATHER_ARGS
+    r = roai.responses.create(model=M, input=ask(REQUIRED_REST), tools=RESP_TOOLS, tool_choice="required")
+    assert [o.type for o in r.output] == ["function_call"] and r.output[0].name == "get_weather"
+    r = roai.responses.create(model=M, input=ask(TWO_CALLS), tools=RESP_TOOLS)
+    assert [o.type for o in r.output] == ["message", "function_call", "function_call"]
+    assert [o.name for o in r.output[1:]] == ["get_weather", "get_time"]
+    r = roai.responses.create(model=M, input=ask(TWO_CALLS), tools=RESP_TOOLS, parallel_tool_calls=False)
+    assert [o.type for o in r.output] == ["message", "function_call"] and r.parallel_tool_calls is False
+    r = roai.responses.create(model=M, input=ask(TEXT_THEN_CALL), tools=RESP_TOOLS, tool_choice="none")
+    assert [o.type for o in r.output] == ["message"] and r.output_text == TEXT_THEN_CALL
+
+
+def test_responses_previous_response_id_refused(roai, M):
     with pytest.raises(openai.BadRequestError) as e:
-        oai.responses.create(model=M, input="hi", previous_response_id="resp_x")
+        roai.responses.create(model=M, input="hi", previous_response_id="resp_x")
     assert e.value.status_code == 400 and e.value.param == "previous_response_id"
 
 
-def test_responses_max_output_tokens_incomplete(oai, M):
-    r = oai.responses.create(model=M, input=ask("This reply is much longer than five tokens."), max_output_tokens=5)
+def test_responses_max_output_tokens_incomplete(roai, M):
+    r = roai.responses.create(model=M, input=ask("This reply is much longer than five tokens."), max_output_tokens=5)
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
     assert r.output_text == "This "
-    events = list(oai.responses.create(model=M, input=ask("This reply is much longer than five tokens."),
+    events = list(roai.responses.create(model=M, input=ask("This reply is much longer than five tokens."),
                                        max_output_tokens=5, stream=True))
     assert events[-1].type == "response.incomplete"
     assert events[-1].response.incomplete_details.reason == "max_output_tokens"
 
 
-def test_responses_reasoning_item(oai, M):
+def test_responses_reasoning_item(roai, M):
     reply = "<think>\nthoughts here\n</think>\n\nthe answer"
-    r = oai.responses.create(model=M, input=ask(reply), reasoning={"effort": "medium"})
+    r = roai.responses.create(model=M, input=ask(reply), reasoning={"effort": "medium"})
     assert [o.type for o in r.output] == ["reasoning", "message"]
     rs = r.output[0]
-    assert "".join(c.text for c in rs.content or []) == "thoughts here"
+    # .lstrip("\n"): the newline after a model-opened <think> may leak (test_model_opened_think_newline)
+    assert "".join(c.text for c in rs.content or []).lstrip("\n") == "thoughts here"
     assert r.output_text == "the answer"
-    events = list(oai.responses.create(model=M, input=ask(reply), reasoning={"effort": "medium"}, stream=True))
+    events = list(roai.responses.create(model=M, input=ask(reply), reasoning={"effort": "medium"}, stream=True))
     types = [e.type for e in events]
     assert "response.reasoning_text.delta" in types and "response.reasoning_text.done" in types
     assert types.index("response.reasoning_text.delta") < types.index("response.output_text.delta")
     assert [o.type for o in events[-1].response.output] == ["reasoning", "message"]
+    assert events[-1].response.output_text == "the answer"
+
+
+MODEL_THINKS = "<think>\nthoughts here\n</think>\n\nthe answer"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "server bug (mtplx/chat/parser.py ChatParser._content): when the model opens its own <think> block "
+    "and a generated delta ends right after '<think>', the '\\n' that follows arrives in the reasoning "
+    "state and is released as reasoning text ('\\nthoughts here'); fed in one piece it is stripped. "
+    "The output depends on how the text is split into deltas"))
+def test_model_opened_think_newline(roai, oai, M):
+    got = set()
+    for q in ("Why?", "Why so?", "Really why?", "And why not?"):  # varied cycle splits of the same reply
+        r = roai.responses.create(model=M, input=ask(MODEL_THINKS, q))
+        got.add(("responses", r.output[0].content[0].text))
+        c = oai.chat.completions.create(model=M, messages=user(MODEL_THINKS, q))
+        got.add(("chat", c.choices[0].message.model_extra.get("reasoning_content")))
+    assert got == {("responses", "thoughts here"), ("chat", "thoughts here")}
 
 
 # =============================================================================== 7. real clients
@@ -551,12 +645,38 @@ def _sse(text: str) -> list[tuple[str | None, dict]]:
 
 CLAUDE_FIXTURES = sorted(p.name for p in FIXTURES.glob("claude_code_messages_*.json"))
 CODEX_FIXTURES = sorted(p.name for p in FIXTURES.glob("codex_responses_*.json"))
+BASH_CALL = ("Running it.\n\n<tool_call>\n<function=Bash>\n<parameter=command>\necho hi\n</parameter>\n"
+             "<parameter=timeout>\n5000\n</parameter>\n</function>\n</tool_call>")
+EXEC_CALL = ("<tool_call>\n<function=exec_command>\n<parameter=cmd>\necho hi\n</parameter>\n"
+             "<parameter=yield_time_ms>\n1000\n</parameter>\n</function>\n</tool_call>")
 
 
-@pytest.mark.parametrize("name", CLAUDE_FIXTURES)
-def test_replay_claude_code(big_server, name):
+def _fixture(name: str) -> dict:
     body = json.loads((FIXTURES / name).read_text())
-    assert body["stream"] is True
+    assert body["stream"] is True and "[[reply:" not in json.dumps(body)
+    return body
+
+
+def _script_claude(body: dict, reply: str) -> dict:
+    """The captured body with `[[reply:...]]` added to the last user text (the rest verbatim)."""
+    for m in reversed(body["messages"]):
+        if m["role"] == "user" and isinstance(m["content"], list):
+            texts = [b for b in m["content"] if b["type"] == "text"]
+            if texts:
+                texts[-1]["text"] += f" [[reply:{reply}]]"
+                return body
+    raise AssertionError("no user text to script")
+
+
+def _script_codex(body: dict, reply: str) -> dict:
+    for item in reversed(body["input"]):
+        if item.get("type") == "message" and item.get("role") == "user":
+            item["content"][-1]["text"] += f" [[reply:{reply}]]"
+            return body
+    raise AssertionError("no user message to script")
+
+
+def _claude_events(big_server, body) -> list[tuple[str | None, dict]]:
     r = httpx.post(big_server.base_url + "/v1/messages?beta=true", json=body, timeout=60,
                    headers={"anthropic-version": "2023-06-01"})
     assert r.status_code == 200, r.text[:500]
@@ -569,23 +689,72 @@ def test_replay_claude_code(big_server, name):
     opened = [d["index"] for n, d in events if n == "content_block_start"]
     closed = [d["index"] for n, d in events if n == "content_block_stop"]
     assert opened and opened == closed == list(range(len(opened)))
-    assert events[-2][1]["delta"]["stop_reason"] in ("end_turn", "max_tokens", "tool_use")
+    return events
 
 
-@pytest.mark.parametrize("name", CODEX_FIXTURES)
-def test_replay_codex(big_server, name):
-    body = json.loads((FIXTURES / name).read_text())
-    assert body["stream"] is True
+def _codex_events(big_server, body) -> list[tuple[str | None, dict]]:
     r = httpx.post(big_server.base_url + "/v1/responses", json=body, timeout=60)
     assert r.status_code == 200, r.text[:500]
     events = _sse(r.text)
     names = [n for n, _ in events]
     assert all(n == d["type"] for n, d in events)
-    assert names[:2] == ["response.created", "response.in_progress"] and names[-1] == "response.completed"
+    assert names[:2] == ["response.created", "response.in_progress"]
+    assert names[-1] in ("response.completed", "response.incomplete") and "error" not in names
     seq = [d["sequence_number"] for _, d in events]
     assert seq == list(range(len(seq)))
     final = events[-1][1]["response"]
-    assert final["status"] == "completed" and final["output"]
+    assert final["output"]
     added = [d["item"]["type"] for n, d in events if n == "response.output_item.added"]
     done = [d["item"]["type"] for n, d in events if n == "response.output_item.done"]
     assert added == done == [o["type"] for o in final["output"]]
+    return events
+
+
+@pytest.mark.parametrize("name", CLAUDE_FIXTURES)
+def test_replay_claude_code(big_server, name):
+    """Verbatim: the fake's default text runs to max_tokens (64000 / 32000 / 256)."""
+    events = _claude_events(big_server, _fixture(name))
+    assert events[-2][1]["delta"]["stop_reason"] in ("end_turn", "max_tokens")
+
+
+@pytest.mark.parametrize("name", CLAUDE_FIXTURES)
+def test_replay_claude_code_tool_call(big_server, name):
+    """The captured body, the model scripted to call Claude Code's own Bash tool."""
+    events = _claude_events(big_server, _script_claude(_fixture(name), BASH_CALL))
+    starts = [d["content_block"] for n, d in events if n == "content_block_start"]
+    assert [b["type"] for b in starts] == ["text", "tool_use"]
+    assert starts[1]["name"] == "Bash" and starts[1]["id"].startswith("toolu_")
+    args = "".join(d["delta"]["partial_json"] for n, d in events
+                   if n == "content_block_delta" and d["delta"]["type"] == "input_json_delta")
+    assert json.loads(args) == {"command": "echo hi", "timeout": 5000}
+    text = "".join(d["delta"]["text"] for n, d in events
+                   if n == "content_block_delta" and d["delta"]["type"] == "text_delta")
+    assert text == "Running it." and events[-2][1]["delta"]["stop_reason"] == "tool_use"
+
+
+@pytest.mark.parametrize("name", [n for n in CODEX_FIXTURES if "slim" in n])
+def test_replay_codex(big_server, name):
+    """Verbatim (the slim ones: the fake's default text never ends, so it fills the whole context,
+    ~190k tokens, and the response is incomplete for max_output_tokens)."""
+    events = _codex_events(big_server, _fixture(name))
+    final = events[-1][1]["response"]
+    assert final["status"] in ("completed", "incomplete")
+    if final["status"] == "incomplete":
+        assert events[-1][0] == "response.incomplete"
+        assert final["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
+@pytest.mark.parametrize("name", CODEX_FIXTURES)
+def test_replay_codex_scripted(big_server, name):
+    """The captured body, the model scripted to answer (text) or call Codex's own exec_command."""
+    events = _codex_events(big_server, _script_codex(_fixture(name), "hi"))
+    assert events[-1][0] == "response.completed"
+    final = events[-1][1]["response"]
+    assert [o["type"] for o in final["output"]] == ["message"] and final["output"][0]["content"][0]["text"] == "hi"
+
+    events = _codex_events(big_server, _script_codex(_fixture(name), EXEC_CALL))
+    assert events[-1][0] == "response.completed"
+    out = events[-1][1]["response"]["output"]
+    assert [o["type"] for o in out] == ["function_call"] and out[0]["name"] == "exec_command"
+    assert json.loads(out[0]["arguments"]) == {"cmd": "echo hi", "yield_time_ms": 1000}
+    assert "namespace" not in out[0]
