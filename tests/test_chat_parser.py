@@ -177,8 +177,10 @@ def test_reasoning_then_answer_then_call():
         assert summarize(events) == ("Sure.", "I need the weather.\nThen answer.",
                                      [("get_weather", CALLS[0].arguments)])
     # a model that opens its own block, when the prompt did not
-    assert summarize(run(p := xml_parser(), ["\n<thi", "nk>\nhmm\n</think>\n\nok"]))[:2] == ("ok", "hmm")
-    assert p.failures == []
+    for pieces in (["\n<thi", "nk>\nhmm\n</think>\n\nok"], ["<think>", "\nhmm\n</think>\n\nok"],
+                   ["<think>\n", "\nhmm\n", "</think>", "\n\nok"]):
+        assert summarize(run(p := xml_parser(), pieces))[:2] == ("ok", "hmm"), pieces
+        assert p.failures == []
     # never closed: everything is reasoning
     assert summarize(run(xml_parser(start_in_reasoning=True), ["still thinking"])) == ("", "still thinking", [])
 

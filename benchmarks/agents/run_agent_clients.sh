@@ -41,6 +41,9 @@
 #   MTPLX_AGENTS_WORKDIR      scratch folder (kept)           (mktemp -d)
 #   MTPLX_AGENTS_SLIM         auto | 1 | 0 (see above)        (auto)
 #   MTPLX_AGENTS_NO_NETNS=1   do not isolate the network (only if unshare is impossible)
+#   MTPLX_AGENTS_SERVER       real | fake: `fake` serves the deterministic stand-in model of the
+#                             tests (full-size prompts fit, every turn ends after 40 tokens), to
+#                             check the protocol with both CLIs whatever the model can do  (real)
 set -euo pipefail
 
 SCRIPT_PATH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
@@ -153,10 +156,15 @@ inner() {
 
     # ---- server
     local -a serve_args=(--port "$PORT" --depth 2 --max-tokens 256)
+    local -a module=(mtplx serve)
+    if [[ "${MTPLX_AGENTS_SERVER:-real}" == fake ]]; then  # the protocol alone: a model that ends its turns
+        module=(mtplx.server.fake)
+        serve_args=(--port "$PORT" --depth 2 --max-context 200000 --eos-after 40 --log-level info)
+    fi
     # shellcheck disable=SC2206  # word splitting of MTPLX_SERVE_ARGS is intended
     [[ -n "${MTPLX_SERVE_ARGS:-}" ]] && serve_args+=(${MTPLX_SERVE_ARGS})
-    log "starting: $PY -m mtplx serve ${serve_args[*]}"
-    (cd "$REPO_ROOT" && exec "$PY" -m mtplx serve "${serve_args[@]}") >"$WORK/server.log" 2>&1 &
+    log "starting: $PY -m ${module[*]} ${serve_args[*]}"
+    (cd "$REPO_ROOT" && exec "$PY" -m "${module[@]}" "${serve_args[@]}") >"$WORK/server.log" 2>&1 &
     SERVER_PID=$!
     trap 'stop_server' EXIT
     local t0=$SECONDS

@@ -77,6 +77,7 @@ class ChatParser:
         self.state = "reasoning" if start_in_reasoning else "content"
         self.buf = ""
         self.content_started = False  # content text (or a call) already released
+        self.reasoning_started = False  # reasoning text already seen
         self.calls: list[ToolCall] = []
         self.failures: list[str] = []  # one reason per malformed / unfinished call
         self._call: _Call | None = None
@@ -118,6 +119,11 @@ class ChatParser:
             out.append(TextDelta(text))
 
     def _reasoning(self, out: list, final: bool) -> bool:
+        if not self.reasoning_started:  # the line break after <think> is markup, wherever the split falls
+            self.buf = self.buf.lstrip("\n")
+            if not self.buf:
+                return False
+            self.reasoning_started = True
         i = self.buf.find(THINK_CLOSE)
         if i >= 0:
             self._release(out, self.buf[:i].rstrip("\n"))

@@ -6,9 +6,10 @@ Endpoints
     POST /v1/chat/completions, /v1/completions      OpenAI (stream or not; n=1)
     GET  /v1/models, /v1/models/{id}
     POST /v1/messages, /v1/messages/count_tokens    Anthropic (stream or not)
+    POST /v1/responses                              OpenAI Responses API (stream or not; nothing stored)
     GET  /health                                    always open, even with --api-key
     GET  /metrics                                   Prometheus text format
-Every generation response carries `usage` and a llama.cpp-style `timings` object (prompt_n,
+Tools and reasoning: see docs/agents.md. Every generation response carries `usage` and a llama.cpp-style `timings` object (prompt_n,
 predicted_n, *_per_second, draft_n, draft_n_accepted) plus MTP detail: mtp_depth, verify_passes,
 tokens_per_verify, draft_n_by_depth, draft_n_accepted_by_depth, acceptance_by_depth. Streams
 put it in the chunk with finish_reason (OpenAI; also the usage chunk) or in message_delta
@@ -20,8 +21,11 @@ Modules
     engine.py           Engine: one model, a bounded FIFO, one worker thread; `parallel`
                         generations interleaved one step each (each with its own session)
     openai_routes.py    OpenAI routes        anthropic_routes.py   Anthropic routes
+    responses_routes.py the Responses API (Codex)
+    chat.py             the one generation path of every chat API: Conversation -> prompt (mtplx.chat)
+                        -> job -> chat events (text, reasoning, tool calls) -> finish
     schemas.py          pydantic request models (strict types, unknown fields ignored)
-    common.py           params, context checks, job -> events, SSE, timings
+    common.py           params, context clamp, job -> events, SSE, timings, request-log notes
     errors.py           API-shaped errors (OpenAI or Anthropic by path), never a trace
     metrics.py          prometheus_client registry per app
     model_adapter.py    the real model: mtplx.load + mtplx.stream_generate

@@ -155,6 +155,7 @@ class FakeModel:
 def main(argv=None) -> int:
     """`python -m mtplx.server.fake --port N`: a real uvicorn server around FakeModel (tests)."""
     import argparse
+    import logging
 
     import uvicorn
 
@@ -169,8 +170,12 @@ def main(argv=None) -> int:
     p.add_argument("--parallel", type=int, default=1)
     p.add_argument("--max-body", type=int, default=1 << 20)
     p.add_argument("--api-key", default=None)
+    p.add_argument("--log-level", default="warning", help="info: one line per request")
+    p.add_argument("--eos-after", type=int, default=None, help="end every unscripted reply after N tokens")
     a = p.parse_args(argv)
-    app = create_app(FakeModel(max_context=a.max_context, step_delay_s=a.step_delay, fail_on="FAILNOW"),
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(FakeModel(max_context=a.max_context, step_delay_s=a.step_delay, fail_on="FAILNOW",
+                               eos_after=a.eos_after),
                      depth=a.depth, max_queue=a.max_queue, parallel=a.parallel, max_body=a.max_body,
                      api_key=a.api_key)
     uvicorn.run(app, host="127.0.0.1", port=a.port, log_level="warning", server_header=False)
