@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from mtplx.chat.events import ReasoningDelta, TextDelta, ToolCallArgs, ToolCallEnd, ToolCallStart
 from mtplx.chat.tools import ToolCall, anthropic_tool_choice, anthropic_tools, log_skipped
 from mtplx.server.chat import ChatFinish, Conversation, chat_events, collect_chat, count_prompt_tokens, start_chat
-from mtplx.server.common import APIError, SSEResponse, new_id, note_request, sse_event, timings
+from mtplx.server.common import APIError, SSEResponse, new_id, note_request, sse_event, text_of_parts, timings
 from mtplx.server.errors import error_body
 from mtplx.server.schemas import AMessage, ATextBlock, CountTokensRequest, MessagesRequest
 
@@ -34,27 +34,6 @@ def _system_text(system, where: str) -> str:
     return "".join(b.text for b in system)
 
 
-def _result_text(content: Any, where: str) -> str:
-    """A tool_result's content: a string, or blocks (text kept; images named, this model reads text)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise APIError(400, f"'{where}': expected a string or a list of content blocks", param=where)
-    parts = []
-    for k, b in enumerate(content):
-        if not isinstance(b, dict) or not isinstance(b.get("type"), str):
-            raise APIError(400, f"'{where}.{k}': expected a content block with a 'type'", param=f"{where}.{k}")
-        if b["type"] == "text":
-            if not isinstance(b.get("text"), str):
-                raise APIError(400, f"'{where}.{k}.text': expected a string", param=f"{where}.{k}.text")
-            parts.append(b["text"])
-        else:
-            parts.append(f"[{b['type']} content: not readable by this text model]")
-    return "\n".join(parts)
-
-
 def _user_blocks(m: AMessage, i: int, open_ids: set[str]) -> list[dict]:
     out, text = [], []
     for j, b in enumerate(m.content):
@@ -70,7 +49,7 @@ def _user_blocks(m: AMessage, i: int, open_ids: set[str]) -> list[dict]:
         if tid not in open_ids:
             raise APIError(400, f"'{where}': a tool_result for tool_use_id {tid!r}, but no earlier assistant "
                                 f"message has a tool_use with that id", param=f"{where}.tool_use_id")
-        body = _result_text(x.get("content"), f"{where}.content")
+        body = text_of_parts(x.get("content"), f"{where}.content", ("text",), name_others=True)
         out.append({"role": "tool", "tool_call_id": tid, "content": ("[error] " + body) if x.get("is_error") else body})
     if text:
         out.append({"role": "user", "content": "".join(text)})

@@ -59,6 +59,30 @@ def resolve_max_tokens(requested: int | None, prompt_len: int, max_context: int,
     return min(requested, room)
 
 
+def text_of_parts(content: Any, where: str, text_types: tuple[str, ...], name_others: bool = False) -> str:
+    """Content given as a string or a list of typed parts -> its text. Parts of other types are a 400,
+    or (`name_others`: tool results, where a refusal would end an agent's session) named in the text."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise APIError(400, f"'{where}': expected a string or a list of content parts", param=where)
+    parts = []
+    for k, p in enumerate(content):
+        kind = p.get("type") if isinstance(p, dict) else None
+        if kind in text_types:
+            if not isinstance(p.get("text"), str):
+                raise APIError(400, f"'{where}.{k}.text': expected a string", param=f"{where}.{k}.text")
+            parts.append(p["text"])
+        elif name_others and isinstance(kind, str):
+            parts.append(f"[{kind} content: not readable by this text model]")
+        else:
+            raise APIError(400, f"'{where}.{k}': content part type {kind!r} is not supported (text only)",
+                           param=f"{where}.{k}")
+    return ("\n" if name_others else "").join(parts)
+
+
 async def run_blocking(fn: Callable, *args):
     return await to_thread.run_sync(fn, *args)
 

@@ -19,6 +19,7 @@ from typing import Iterator
 
 from mtplx.chat.formats import builtin_template
 from mtplx.decoding.params import SamplingParams
+from mtplx.decoding.stops import StopStrings
 from mtplx.server.engine import GenStats, GenStep
 from mtplx.tokenizer import Tokenizer
 
@@ -69,9 +70,7 @@ class FakeModel:
         rng = random.Random(params.seed if params.seed is not None else random.random()) if not params.greedy else None
         stats = GenStats(prompt_tokens=len(prompt_ids), depth=depth, drafted_by_depth=[0] * depth,
                          accepted_by_depth=[0] * depth)
-        held = ""
-        emitted = 0
-        t_first = None
+        emitted, t_first, stops = 0, None, StopStrings(params.stop)
         while True:
             n = 1 if emitted == 0 else 1 + (h + emitted) % (depth + 1)
             ids = []
@@ -90,7 +89,6 @@ class FakeModel:
             if self.step_delay_s:
                 time.sleep(self.step_delay_s)
             finish = None
-            stop_seq = None
             if ids and ids[-1] == EOS:
                 ids = ids[:-1]
                 finish = "stop"
@@ -99,21 +97,8 @@ class FakeModel:
                 ids = ids[:room]
                 finish = "length"
             emitted += len(ids) + (1 if finish == "stop" and self.eos_after is not None else 0)
-            buf = held + bytes(ids).decode()
-            hits = sorted((buf.find(s), s) for s in params.stop if s in buf)
-            if hits:
-                delta, held = buf[: hits[0][0]], ""
-                finish, stop_seq = "stop", hits[0][1]
-            else:
-                keep = max([k for s in params.stop for k in range(1, len(s)) if buf.endswith(s[:k])], default=0)
-                if finish is not None:
-                    keep = 0
-                delta, held = buf[: len(buf) - keep], buf[len(buf) - keep:]
-            if t_first is None:
-                t_first = time.perf_counter()
-                stats.prompt_s = t_first - t0
-            stats.decode_s = time.perf_counter() - t_first
-            stats.generated_tokens = emitted
+            delta, finish, stop_seq = _stop_filter(stops, bytes(ids).decode(), finish)
+            t_first = _clock(stats, t0, t_first, emitted)
             yield GenStep(text=delta, token_ids=ids, finish_reason=finish, stop_sequence=stop_seq, stats=stats)
             if finish is not None:
                 return
@@ -124,7 +109,7 @@ class FakeModel:
         data = list(reply.encode("utf-8")) + [EOS]
         decoder = codecs.getincrementaldecoder("utf-8")()
         stats = GenStats(prompt_tokens=prompt_len, depth=depth, drafted_by_depth=[0] * depth, accepted_by_depth=[0] * depth)
-        emitted, held, t_first = 0, "", None
+        emitted, t_first, stops = 0, None, StopStrings(params.stop)
         while True:
             n = 1 if emitted == 0 else 1 + (h + emitted) % (depth + 1)
             ids = data[emitted: emitted + min(n, params.max_tokens - emitted)]
@@ -133,23 +118,28 @@ class FakeModel:
                 ids, finish = ids[:-1], "stop"
             emitted += len(ids) + (finish == "stop")
             stats.cycles += emitted > 0 and stats.generated_tokens > 0
-            buf = held + decoder.decode(bytes(ids), final=finish is not None)
-            hits = sorted((buf.find(s), s) for s in params.stop if s in buf)
-            stop_seq = None
-            if hits:
-                buf, held, finish, stop_seq = buf[: hits[0][0]], "", "stop", hits[0][1]
-            else:
-                keep = 0 if finish else max([k for s in params.stop for k in range(1, len(s)) if buf.endswith(s[:k])],
-                                            default=0)
-                buf, held = buf[: len(buf) - keep], buf[len(buf) - keep:]
-            if t_first is None:
-                t_first = time.perf_counter()
-                stats.prompt_s = t_first - t0
-            stats.decode_s = time.perf_counter() - t_first
-            stats.generated_tokens = emitted
-            yield GenStep(text=buf, token_ids=ids, finish_reason=finish, stop_sequence=stop_seq, stats=stats)
+            delta, finish, stop_seq = _stop_filter(stops, decoder.decode(bytes(ids), final=finish is not None), finish)
+            t_first = _clock(stats, t0, t_first, emitted)
+            yield GenStep(text=delta, token_ids=ids, finish_reason=finish, stop_sequence=stop_seq, stats=stats)
             if finish is not None:
                 return
+
+
+def _stop_filter(stops: StopStrings, text: str, finish: str | None) -> tuple[str, str | None, str | None]:
+    """The real stop-string filter on the fake's text -> (text to send, finish reason, stop string)."""
+    out, stopped = stops.feed(text)
+    if stopped:
+        return out, "stop", stops.matched
+    return (out + stops.flush() if finish is not None else out), finish, None
+
+
+def _clock(stats: GenStats, t0: float, t_first: float | None, emitted: int) -> float:
+    if t_first is None:
+        t_first = time.perf_counter()
+        stats.prompt_s = t_first - t0
+    stats.decode_s = time.perf_counter() - t_first
+    stats.generated_tokens = emitted
+    return t_first
 
 
 def main(argv=None) -> int:

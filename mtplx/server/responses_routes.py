@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from mtplx.chat.events import ReasoningDelta, TextDelta, ToolCallArgs, ToolCallEnd, ToolCallStart
 from mtplx.chat.tools import ToolCall, log_skipped, openai_tool_choice, responses_tools
 from mtplx.server.chat import ChatFinish, Conversation, chat_events, start_chat
-from mtplx.server.common import APIError, SSEResponse, new_id, note_request, sse_event, timings
+from mtplx.server.common import APIError, SSEResponse, new_id, note_request, sse_event, text_of_parts, timings
 from mtplx.server.openai_routes import parse_arguments
 from mtplx.server.schemas import ResponsesRequest
 
@@ -27,26 +27,11 @@ router = APIRouter()
 
 
 # ---- input items -> conversation -----------------------------------------------------------
+TEXT_PARTS = ("input_text", "output_text", "text", "summary_text", "reasoning_text")
+
+
 def _content_text(content: Any, where: str) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise APIError(400, f"'{where}': expected a string or a list of content parts", param=where)
-    parts = []
-    for k, p in enumerate(content):
-        kind = p.get("type") if isinstance(p, dict) else None
-        if kind in ("input_text", "output_text", "text", "summary_text", "reasoning_text"):
-            if not isinstance(p.get("text"), str):
-                raise APIError(400, f"'{where}.{k}.text': expected a string", param=f"{where}.{k}.text")
-            parts.append(p["text"])
-        elif kind == "refusal":
-            parts.append(str(p.get("refusal") or ""))
-        else:
-            raise APIError(400, f"'{where}.{k}': content part type {kind!r} is not supported (text only)",
-                           param=f"{where}.{k}")
-    return "".join(parts)
+    return text_of_parts(content, where, TEXT_PARTS)
 
 
 def _str_field(item: dict, key: str, where: str) -> str:
