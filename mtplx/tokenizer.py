@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 
+LONG_TEXT = 1 << 15  # characters
+
+
 class TokenizerError(ValueError):
     """A tokenizer cannot be loaded or used; the message says what to do."""
 
@@ -166,6 +169,8 @@ class Tokenizer:
         return self._tk.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) > LONG_TEXT:  # encode_batch releases the GIL: a server's event loop keeps running
+            return list(self._tk.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
         return list(self._tk.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

@@ -106,3 +106,13 @@ def test_missing_tokenizer_and_template_errors(tmp_path, tok_dir):
     with pytest.raises(TokenizerError, match="no chat template"):
         tok.apply_chat_template([{"role": "user", "content": "x"}])
     assert isinstance(TokenizerError("x"), ValueError)  # the CLI prints it as a one-line error
+
+
+def test_long_texts_encode_the_same_with_the_gil_released(tok_dir):
+    import mtplx.tokenizer as tkmod
+
+    tok = Tokenizer.from_dir(tok_dir)
+    text = "héllo wörld <|im_end|> 東京\n" * (tkmod.LONG_TEXT // 20)
+    assert len(text) > tkmod.LONG_TEXT
+    assert tok.encode(text) == list(tok._tk.encode(text).ids)
+    assert tok.encode(text, add_special_tokens=False) == list(tok._tk.encode(text, add_special_tokens=False).ids)
