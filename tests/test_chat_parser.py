@@ -272,3 +272,20 @@ def test_load_template_names_and_errors(tmp_path):
     assert load_template(str(f)) == "{{ messages }}"
     with pytest.raises(ValueError, match="no such file"):
         load_template("qwen9")
+
+
+def test_forced_calls_in_the_json_format():
+    t = builtin_template("qwen3")
+    r = Tokenizer(None, chat_template=t).apply_chat_template
+    user = [{"role": "user", "content": "hi"}]
+    p = build_prompt(r, t, user, TOOLS, ToolChoice("named", "get_weather"), {"enable_thinking": False})
+    assert p.text.endswith('<tool_call>\n{"name": "get_weather", "arguments": ')
+    parser, first = p.parser()
+    assert [e.name for e in first if isinstance(e, ToolCallStart)] == ["get_weather"]
+    assert summarize(run(parser, ['{"city": "Oslo", "days": 1}}', "\n</tool_call>"]))[2] == [
+        ("get_weather", {"city": "Oslo", "days": 1})]
+    p = build_prompt(r, t, user, TOOLS, ToolChoice("required"), {"enable_thinking": False})
+    parser, first = p.parser()
+    assert first == [] and p.text.endswith('<tool_call>\n{"name": "')
+    assert summarize(run(parser, ['run_shell", "arguments": {"command": "ls"}}\n</tool_call>']))[2] == [
+        ("run_shell", {"command": "ls"})]
