@@ -65,6 +65,8 @@ class _Call:
         self.values: dict[str, str] = {}  # XML: raw parameter values, in order
         self.fragments: list[str] = []  # argument JSON fragments sent
         self.function_closed = False
+        self.value: tuple[str, int] | None = None  # XML: the parameter being read (name, where its value starts)
+        self.scan = 0  # where the search for a closing tag resumes (long values are scanned once)
 
 
 class ChatParser:
@@ -76,7 +78,7 @@ class ChatParser:
         self.id_prefix = id_prefix
         self.state = "reasoning" if start_in_reasoning else "content"
         self.buf = ""
-        self.content_started = False  # content text (or a call) already released
+        self.content_started = False  # content text already released
         self.reasoning_started = False  # reasoning text already seen
         self.calls: list[ToolCall] = []
         self.failures: list[str] = []  # one reason per malformed / unfinished call
@@ -210,9 +212,9 @@ class ChatParser:
             self._release(out, call.lead + raw)
             return
         values = dict(call.values)
-        m = _PARAM_RE.match(call.text, call.pos)
-        if m is not None:  # a parameter cut off mid-value keeps what it has
-            values[m.group(1).strip()] = call.text[m.end():].removeprefix("\n")
+        if call.value is not None:  # a parameter cut off mid-value keeps what it has
+            name, start = call.value
+            values[name] = call.text[start:].removeprefix("\n")
         tc = ToolCall(call.id, call.name, coerce_arguments(values, call.tool))
         out.append(ToolCallEnd(call.index, tc, complete=False, raw=raw))
 
@@ -220,6 +222,8 @@ class ChatParser:
         call = self._call
         call.text += self.buf
         self.buf = ""
+        if call.value is not None:
+            return self._xml_value(out, call, final)
         rest = call.text[call.pos:]
         if call.name is None:
             m = _FUNCTION_RE.match(rest)
@@ -256,33 +260,40 @@ class ChatParser:
                 self._abandon(out, "malformed")
                 return True
             return False
-        value_start = call.pos + m.end()
-        end = self._param_end(call.text, value_start, final)
+        call.value = (m.group(1).strip(), call.pos + m.end())
+        call.scan = call.value[1]
+        return True
+
+    def _xml_value(self, out: list, call: _Call, final: bool) -> bool:
+        name, start = call.value
+        end = self._param_end(call, final)
         if end is None:
             return False
-        value = call.text[value_start:end]
+        value = call.text[start:end]
         value = value[1:] if value.startswith("\n") else value
         value = value[:-1] if value.endswith("\n") else value
-        name = m.group(1).strip()
         call.values[name] = value
         typed = coerce_arguments({name: value}, call.tool)[name]
         sep = "{" if not call.fragments else ", "
         self._args(out, call, f"{sep}{json.dumps(name, ensure_ascii=False)}: {json.dumps(typed, ensure_ascii=False)}")
-        call.pos = end + len(_PARAM_CLOSE)
+        call.pos, call.value = end + len(_PARAM_CLOSE), None
         return True
 
     @staticmethod
-    def _param_end(text: str, start: int, final: bool) -> int | None:
-        """Where the value starting at `start` ends: the first </parameter> that is followed by another
+    def _param_end(call: _Call, final: bool) -> int | None:
+        """Where the value being read ends: the first </parameter> that is followed by another
         parameter, </function> or </tool_call> (a value may itself contain '</parameter>')."""
-        j = text.find(_PARAM_CLOSE, start)
+        text = call.text
+        j = text.find(_PARAM_CLOSE, call.scan)
         while j >= 0:
-            after = text[j + len(_PARAM_CLOSE):].lstrip()
+            after = text[j + len(_PARAM_CLOSE): j + len(_PARAM_CLOSE) + 64].lstrip()
             if any(after.startswith(t) for t in _AFTER_PARAM):
                 return j
             if not after or any(t.startswith(after) for t in _AFTER_PARAM):
+                call.scan = j
                 return j if final else None  # undecided until more text comes
             j = text.find(_PARAM_CLOSE, j + 1)
+        call.scan = max(call.scan, len(text) - len(_PARAM_CLOSE) + 1)
         return None
 
     def _json_call(self, out: list, final: bool) -> bool:
@@ -302,8 +313,9 @@ class ChatParser:
             elif call.text.strip() and not call.text.lstrip().startswith("{"):
                 self._abandon(out, "malformed")
                 return True
-        i = call.text.find(CALL_CLOSE)
+        i = call.text.find(CALL_CLOSE, call.scan)
         if i < 0:
+            call.scan = max(call.scan, len(call.text) - len(CALL_CLOSE) + 1)
             if final:
                 self._abandon(out, "unfinished")
                 return True

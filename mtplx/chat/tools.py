@@ -99,13 +99,19 @@ def _description(d: dict, param: str) -> str:
     return desc
 
 
-def openai_tools(raw: list | None, param: str = "tools") -> tuple[list[Tool], list[str]]:
-    """Chat Completions tools ({"type": "function", "function": {...}}) -> (tools, skipped types)."""
-    tools, skipped = [], []
+def _tool_objects(raw: list | None, param: str):
+    """(field path, tool object) for each declared tool; anything but an object is a 400."""
     for i, t in enumerate(raw or []):
         p = f"{param}.{i}"
         if not isinstance(t, dict):
             raise ToolSpecError(f"'{p}': expected a tool object", p)
+        yield p, t
+
+
+def openai_tools(raw: list | None, param: str = "tools") -> tuple[list[Tool], list[str]]:
+    """Chat Completions tools ({"type": "function", "function": {...}}) -> (tools, skipped types)."""
+    tools, skipped = [], []
+    for p, t in _tool_objects(raw, param):
         if t.get("type", "function") != "function":
             skipped.append(str(t.get("type")))
             continue
@@ -122,10 +128,7 @@ def responses_tools(raw: list | None, param: str = "tools", namespace: str | Non
     """Responses API tools (flat {"type": "function", "name", "parameters"}; "custom" freeform tools;
     "namespace" groups of functions, which the model sees by their own names)."""
     tools, skipped = [], []
-    for i, t in enumerate(raw or []):
-        p = f"{param}.{i}"
-        if not isinstance(t, dict):
-            raise ToolSpecError(f"'{p}': expected a tool object", p)
+    for p, t in _tool_objects(raw, param):
         kind = t.get("type")
         if kind == "function":
             tools.append(Tool(_check_name(t.get("name"), f"{p}.name"), _description(t, p),
@@ -148,10 +151,7 @@ def responses_tools(raw: list | None, param: str = "tools", namespace: str | Non
 def anthropic_tools(raw: list | None, param: str = "tools") -> tuple[list[Tool], list[str]]:
     """Messages API tools ({"name", "description", "input_schema"}); typed server tools are skipped."""
     tools, skipped = [], []
-    for i, t in enumerate(raw or []):
-        p = f"{param}.{i}"
-        if not isinstance(t, dict):
-            raise ToolSpecError(f"'{p}': expected a tool object", p)
+    for p, t in _tool_objects(raw, param):
         kind = t.get("type")
         if kind not in (None, "custom") and "input_schema" not in t:
             skipped.append(str(kind))  # Anthropic-hosted tools (web_search_..., code_execution_...)

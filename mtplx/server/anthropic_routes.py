@@ -28,7 +28,7 @@ def _extra(block) -> dict:
     return dict(block.model_extra or {})
 
 
-def _system_text(system, where: str) -> str:
+def _system_text(system) -> str:
     if system is None or isinstance(system, str):
         return system or ""
     return "".join(b.text for b in system)
@@ -85,7 +85,7 @@ def _assistant_blocks(m: AMessage, i: int, open_ids: set[str]) -> dict:
 
 
 def _messages(system, messages: list[AMessage]) -> list[dict]:
-    out = [{"role": "system", "content": _system_text(system, "system")}] if system else []
+    out = [{"role": "system", "content": _system_text(system)}] if system else []
     open_ids: set[str] = set()
     for i, m in enumerate(messages):
         if isinstance(m.content, str):
