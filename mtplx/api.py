@@ -48,6 +48,8 @@ class Model:
     path: Path | None
     dtype: str
     device: str
+    prefix_cache: Any = None  # mtplx.prefix.PrefixCache shared by this model's sessions, or None
+    load_options: dict = field(default_factory=dict)  # what `load` was given (part of the cache identity)
 
     @property
     def has_mtp(self) -> bool:
@@ -63,17 +65,34 @@ class Model:
     def max_context(self) -> int:
         return int(self.config.max_position_embeddings)
 
-    def new_session(self, max_context: int | None = None):
-        """A fresh Session (one sequence) on this model."""
+    def new_session(self, max_context: int | None = None, prefix_cache: Any = "model",
+                    prefill_block: int | None = None):
+        """A fresh Session (one sequence) on this model. prefix_cache: "model" (this model's,
+        see enable_prefix_cache), None (none) or a PrefixCache; prefill_block: the prefill's
+        block size without a cache (with one, the cache's)."""
+        if isinstance(prefix_cache, str):
+            prefix_cache = self.prefix_cache
+        opts = dict(max_context=max_context, prefix_cache=prefix_cache, prefill_block=prefill_block)
         if self.backend == "torch":
             from mtplx.backends.torch.session import TorchSession
 
-            return TorchSession(self.model, max_context=max_context)
+            return TorchSession(self.model, **opts)
         if self.backend == "mlx":
             from mtplx.backends.mlx.session import MlxSession
 
-            return MlxSession(self.model, max_context=max_context)
+            return MlxSession(self.model, **opts)
         raise ValueError(f"backend {self.backend!r} has no session implementation yet; use --backend torch")
+
+    def enable_prefix_cache(self, gb: float = 4.0, block: int | None = None, ttl_s: float | None = None,
+                            cache_dir: str | Path | None = None, disk_gb: float | None = None):
+        """Give this model's sessions a prefix cache of `gb` GB (mtplx.prefix): prompts that start
+        like an earlier one restore its blocks instead of prefilling them, with the same output.
+        cache_dir adds the disk tier (kept across restarts). Returns the PrefixCache."""
+        from mtplx.prefix import make_prefix_cache
+
+        self.prefix_cache = make_prefix_cache(self, gb=gb, block=block, ttl_s=ttl_s, cache_dir=cache_dir,
+                                              disk_gb=disk_gb)
+        return self.prefix_cache
 
     def encode_prompt(self, prompt: str | list, chat_kwargs: dict | None = None) -> list[int]:
         """str -> tokens; list[int] -> as is; list[dict] (chat messages) -> chat template."""
@@ -136,7 +155,8 @@ def load(path: str | Path | None = None, backend: str | None = None, dtype: str 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or ("bfloat16" if device != "cpu" else "float32")
         m = load_torch_model(path, dtype=dtype, device=device, config=cfg, **options)
-        return Model("torch", m, cfg, tokenizer, path, str(m.dtype).replace("torch.", ""), str(device))
+        return Model("torch", m, cfg, tokenizer, path, str(m.dtype).replace("torch.", ""), str(device),
+                     load_options=dict(options))
     from mtplx.backends.mlx import default_dtype, device_name, load_mlx_model
 
     torch_only = sorted(set(options) & {"quantize", "kernel", "draft_lm_head"})
@@ -145,7 +165,8 @@ def load(path: str | Path | None = None, backend: str | None = None, dtype: str 
                          f"quantized checkpoints as they are (drop the option or use --backend torch)")
 
     m = load_mlx_model(path, dtype=dtype or default_dtype(), config=cfg, **options)
-    return Model("mlx", m, cfg, tokenizer, path, str(m.dtype).replace("mlx.core.", ""), device_name())
+    return Model("mlx", m, cfg, tokenizer, path, str(m.dtype).replace("mlx.core.", ""), device_name(),
+                 load_options=dict(options))
 
 
 @dataclass

@@ -16,6 +16,12 @@ A backend subclass supplies the array hooks: `_ids`, `_cat`, `_head_rows`, `_mat
 `_drop_draft_head_entries`, `make_rng`, and the `sampling` module with sample / draft_token /
 draft_prob / stack_draft_probs / accept. `draft` may return fewer than `depth` tokens
 (params.draft_cutoff: adaptive draft length).
+
+Prefill runs in blocks of `prefill_block` tokens at absolute positions (0, B, 2B, ...; then the
+tail), the head right behind each block, so that a block's result depends on nothing but the
+tokens up to its end: with a prefix cache (mtplx/prefix) a prompt restores the blocks it shares
+with earlier prompts and computes exactly what a cache-off prefill computes after them. The
+backend hooks `_export_block` / `_import_blocks` move a block between the caches and a payload.
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ from __future__ import annotations
 from typing import Any
 
 from mtplx.decoding.params import SamplingParams
+from mtplx.prefix.cache import DEFAULT_BLOCK
 
 
 class SessionBase:
     sampling: Any  # the backend's sampling module
 
-    def __init__(self, model, head, max_context: int | None, hidden_source: str | None):
+    def __init__(self, model, head, max_context: int | None, hidden_source: str | None,
+                 prefix_cache=None, prefill_block: int | None = None):
         limit = int(model.cfg.max_position_embeddings)
         if max_context is not None:
             if max_context < 2:
@@ -48,6 +56,16 @@ class SessionBase:
         self._pend_x: list[int] = []
         self._last_logits = None
         self._verified = None  # (hidden [T, H], drafted) of the last verify
+        block = prefill_block or (prefix_cache.block_size if prefix_cache is not None else DEFAULT_BLOCK)
+        if prefix_cache is not None and prefix_cache.block_size != block:
+            raise ValueError(f"prefill block {block} differs from the prefix cache's block "
+                             f"{prefix_cache.block_size}: a session must prefill in the cache's blocks")
+        if block < 1:
+            raise ValueError(f"prefill block must be >= 1 token, got {block}")
+        self.prefill_block = int(block)
+        self.prefix_cache = prefix_cache if prefix_cache is not None and prefix_cache.enabled else None
+        self.cached_tokens = 0  # prompt tokens restored from the prefix cache
+        self.stored_tokens = 0  # prompt tokens this prefill added to it
 
     # -- backend hooks
     def _ids(self, ids: list[int]):  # -> int array [T]
@@ -66,6 +84,16 @@ class SessionBase:
 
     def _drop_draft_head_entries(self) -> None:  # caches that grew during drafting shrink here
         pass
+
+    def _export_block(self, start: int, end: int) -> dict:
+        """Copies of what positions start..end-1 left in the caches (target KV, GatedDeltaNet
+        state at `end`, the head's KV of head positions max(start-1, 0)..end-2 and its pending
+        hidden h[end-1]) as a dict name -> array."""
+        raise NotImplementedError
+
+    def _import_blocks(self, payloads: list[dict], end: int) -> None:
+        """Set the caches to the state after positions 0..end-1 from consecutive block payloads."""
+        raise NotImplementedError
 
     # -- helpers
     @property
@@ -88,15 +116,36 @@ class SessionBase:
         if P + 1 > self.max_context:
             raise ValueError(f"prompt of {P} tokens does not fit the context of {self.max_context} positions "
                              f"(it needs at least {P + 1}); shorten the prompt or raise max_context")
-        post, pre, last = self.model.prefill(self._ids(prompt_ids), self.cache)
-        self._materialize(last)
-        self.pos = P
-        self._last_logits = last
-        if self.has_head:
-            self._pend_h = [self._hid(post, pre)]  # h[0..P-1]: pairs with x[1..P-1] now, x[P] later
-            self._pend_x = list(prompt_ids[1:])
-            if P > 1:  # fill the head cache with the prompt pairs now (one batched forward)
+        prompt_ids = [int(t) for t in prompt_ids]
+        B, store = self.prefill_block, self.prefix_cache
+        keys = store.chain(prompt_ids) if store is not None else []
+        start = 0
+        if store is not None:
+            hit = store.match(prompt_ids, keys)
+            if hit:
+                start = len(hit) * B
+                self._import_blocks([b.payload for b in hit], start)
+                self.pos = start
+                if self.has_head:  # h[start-1] waits for x[start], like after a computed block
+                    self.head_len = start - 1
+                    self._pend_h = [hit[-1].payload["hid"]]
+        self.cached_tokens = start
+        last = None
+        for s in range(start, P, B):
+            e = min(s + B, P)
+            post, pre, last = self.model.prefill(self._ids(prompt_ids[s:e]), self.cache)
+            self._materialize(last)
+            self.pos = e
+            if self.has_head:  # pairs (h[t], x[t+1]) whose token is in this block
+                self._pend_h.append(self._hid(post, pre))
+                self._pend_x.extend(prompt_ids[max(s, 1):e])
                 self._run_head()
+            k = s // B
+            if store is not None and e - s == B and keys[k] not in store:
+                payload = self._export_block(s, e)
+                if store.store(keys[k], keys[k - 1] if k else None, prompt_ids[s:e], payload):
+                    self.stored_tokens += B
+        self._last_logits = last
 
     def sample_first(self, params: SamplingParams, rng: Any) -> int:
         if self._last_logits is None:

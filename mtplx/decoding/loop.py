@@ -81,6 +81,8 @@ def generate_steps(
 
     t0 = clock()
     session.prefill(prompt_ids)
+    stats.cached_tokens = int(getattr(session, "cached_tokens", 0))
+    stats.cache_write_tokens = int(getattr(session, "stored_tokens", 0))
     first = session.sample_first(params, rng)
     t_first = clock()
     stats.prompt_time_s = t_first - t0

@@ -59,6 +59,8 @@ class GenerationStats:
     accept_time_s: float = 0.0
     commit_time_s: float = 0.0
     peak_memory_bytes: int = 0
+    cached_tokens: int = 0  # prompt tokens restored from the prefix cache (not prefilled)
+    cache_write_tokens: int = 0  # prompt tokens this request added to the prefix cache
 
     def __post_init__(self) -> None:
         if len(self.drafted) < self.depth:
@@ -99,8 +101,13 @@ class GenerationStats:
         return 1.0 + sum(self.accepted) / self.verify_passes if self.verify_passes else 0.0
 
     @property
+    def prefilled_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
+
+    @property
     def prompt_tps(self) -> float:
-        return self.prompt_tokens / self.prompt_time_s if self.prompt_time_s > 0 else 0.0
+        """Prefilled (not cached) prompt tokens per second of prompt time (llama.cpp's prompt_n)."""
+        return self.prefilled_tokens / self.prompt_time_s if self.prompt_time_s > 0 else 0.0
 
     @property
     def generation_tps(self) -> float:
@@ -120,6 +127,8 @@ class GenerationStats:
             "prompt_time_s": self.prompt_time_s,
             "generation_time_s": self.generation_time_s,
             "prompt_tps": self.prompt_tps,
+            "cached_tokens": self.cached_tokens,
+            "cache_write_tokens": self.cache_write_tokens,
             "generation_tps": self.generation_tps,
             "drafted": list(self.drafted),
             "accepted": list(self.accepted),
@@ -138,8 +147,12 @@ class GenerationStats:
 
     def format_lines(self) -> list[str]:
         """The lines printed after a generation (mlx-lm style, plus the MTP line)."""
+        prompt = f"Prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.3f} tokens-per-sec"
+        if self.cached_tokens:
+            prompt = (f"Prompt: {self.prompt_tokens} tokens, {self.cached_tokens} from the prefix cache, "
+                      f"{self.prefilled_tokens} prefilled at {self.prompt_tps:.3f} tokens-per-sec")
         lines = [
-            f"Prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.3f} tokens-per-sec",
+            prompt,
             f"Generation: {self.generation_tokens} tokens, {self.generation_tps:.3f} tokens-per-sec",
             f"Peak memory: {self.peak_memory_gb:.3f} GB",
         ]

@@ -319,10 +319,10 @@ class MlxModel(nn.Module):
     def new_cache(self, max_len: int) -> ModelCache:
         return ModelCache(self, max_len)
 
-    def new_session(self, max_context: int | None = None, hidden_source: str | None = None):
+    def new_session(self, max_context: int | None = None, hidden_source: str | None = None, **options):
         from .session import MlxSession
 
-        return MlxSession(self, max_context=max_context, hidden_source=hidden_source)
+        return MlxSession(self, max_context=max_context, hidden_source=hidden_source, **options)
 
 
 __all__ = ["MlxModel", "ModelCache", "GdnState", "AttnState", "exact_rows", "text_args", "make_layer",

@@ -2,7 +2,10 @@
 
 The bookkeeping (positions, the head's pending pairs, commit) is `SessionBase`'s; this file holds
 the MLX hooks. MLX is lazy: arrays are evaluated where the loop needs their values. The head cache
-is mlx-lm's KVCache, which appends: draft-time entries are trimmed at commit.
+is mlx-lm's KVCache, which appends: draft-time entries are trimmed at commit. Prefix-cache
+payloads (mtplx/prefix): "k.i" / "v.i" [1, nkv, B, hd] of attention layer i, "conv.i"
+[1, K-1, C] / "state.i" of GatedDeltaNet layer i, "head.k" / "head.v", "hid" [1, H]; copies
+(`_own`), so a stored block never keeps a session's whole buffer alive.
 """
 
 from __future__ import annotations
@@ -13,13 +16,20 @@ from mlx_lm.models.cache import KVCache
 from mtplx.backends.session_base import SessionBase
 
 from . import sampling
+from .model import AttnState
+
+
+def _own(a: mx.array) -> mx.array:
+    """A copy in its own buffer (a slice may be a view of the whole cache); x * 1 keeps every bit."""
+    return a * mx.array(1, dtype=a.dtype)
 
 
 class MlxSession(SessionBase):
     sampling = sampling
 
-    def __init__(self, model, max_context: int | None = None, hidden_source: str | None = None):
-        super().__init__(model, model.head, max_context, hidden_source)
+    def __init__(self, model, max_context: int | None = None, hidden_source: str | None = None,
+                 prefix_cache=None, prefill_block: int | None = None):
+        super().__init__(model, model.head, max_context, hidden_source, prefix_cache, prefill_block)
         self.head_cache = KVCache() if model.head is not None else None
 
     def make_rng(self, seed: int | None) -> sampling.MlxRng:
@@ -42,6 +52,40 @@ class MlxSession(SessionBase):
         if extra > 0:
             self.head_cache.trim(extra)
 
+    def _export_block(self, start: int, end: int) -> dict:
+        out = {}
+        for i, c in enumerate(self.cache.layers):
+            if isinstance(c, AttnState):
+                out[f"k.{i}"] = _own(c.inner.keys[..., start:end, :])
+                out[f"v.{i}"] = _own(c.inner.values[..., start:end, :])
+            else:
+                out[f"conv.{i}"], out[f"state.{i}"] = _own(c.inner[0]), _own(c.inner[1])
+        if self.has_head:
+            a = max(start - 1, 0)
+            hc = self.head_cache
+            out["head.k"] = _own(hc.keys[..., a:end - 1, :]) if hc.keys is not None else None
+            out["head.v"] = _own(hc.values[..., a:end - 1, :]) if hc.keys is not None else None
+            out["hid"] = _own(self._pend_h[0])
+            if out["head.k"] is None:
+                del out["head.k"], out["head.v"]
+        mx.eval(*out.values())
+        return out
+
+    def _import_blocks(self, payloads: list[dict], end: int) -> None:
+        for i, c in enumerate(self.cache.layers):
+            if isinstance(c, AttnState):
+                k = mx.concatenate([p[f"k.{i}"] for p in payloads], axis=2)
+                v = mx.concatenate([p[f"v.{i}"] for p in payloads], axis=2)
+                c.inner.state = (k, v, end)
+            else:
+                c.inner[0], c.inner[1] = payloads[-1][f"conv.{i}"], payloads[-1][f"state.{i}"]
+        self.cache.length = end
+        if self.has_head:
+            parts = [p for p in payloads if "head.k" in p]
+            if parts:
+                self.head_cache.state = (mx.concatenate([p["head.k"] for p in parts], axis=2),
+                                         mx.concatenate([p["head.v"] for p in parts], axis=2), end - 1)
+
     def peak_memory_bytes(self) -> int:
         """mlx's peak memory on Apple GPUs (0 on CPU: the loop falls back to the process RSS)."""
         if not mx.metal.is_available():
@@ -50,4 +94,8 @@ class MlxSession(SessionBase):
         return int(fn()) if fn else 0
 
 
-__all__ = ["MlxSession"]
+def payload_nbytes(payload: dict) -> int:
+    return sum(a.nbytes for a in payload.values())
+
+
+__all__ = ["MlxSession", "payload_nbytes"]

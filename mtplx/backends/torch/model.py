@@ -707,10 +707,10 @@ class Qwen35Model(nn.Module):
 
         return ModelCache(self, max_len)
 
-    def new_session(self, max_context: int | None = None, hidden_source: str | None = None):
+    def new_session(self, max_context: int | None = None, hidden_source: str | None = None, **options):
         from .session import TorchSession
 
-        return TorchSession(self, max_context=max_context, hidden_source=hidden_source)
+        return TorchSession(self, max_context=max_context, hidden_source=hidden_source, **options)
 
 
 def check_row_invariance(model: Qwen35Model, max_rows: int = 8) -> list[str]:
