@@ -50,9 +50,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-origin", action="append", default=None, metavar="ORIGIN",
                    help="allow browser requests from this origin (CORS; repeatable; '*' for any)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the torch backend (default: torch's)")
+    g = p.add_argument_group("prefix cache", "reuse what earlier prompts computed (exact: docs/prefix-cache.md)")
+    g.add_argument("--cache-gb", type=float, default=None, metavar="GB",
+                   help="memory for the prefix cache; 0 turns it off (default: 4, or a fifth of the "
+                        "memory when that is less)")
+    g.add_argument("--cache-block", type=int, default=None, metavar="N",
+                   help="prefill block in tokens: the cache's granularity (default 256)")
+    g.add_argument("--cache-ttl", type=float, default=None, metavar="SECONDS",
+                   help="drop cached blocks unused for this long (default: only when memory is needed)")
+    g.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="also keep blocks on disk in DIR (safetensors; survives restarts; one model per DIR)")
+    g.add_argument("--cache-disk-gb", type=float, default=None, metavar="GB",
+                   help="disk budget of --cache-dir (default: 4x --cache-gb)")
     add_quantize_arg(p)
     add_drafting_args(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def prefix_cache_options(args) -> dict | str:
+    """--cache-* -> Model.enable_prefix_cache arguments, or an error message."""
+    if args.cache_block is not None and args.cache_block < 1:
+        return f"--cache-block must be >= 1 token, got {args.cache_block}"
+    if args.cache_ttl is not None and args.cache_ttl <= 0:
+        return f"--cache-ttl must be > 0 seconds, got {args.cache_ttl}"
+    gb = args.cache_gb
+    if gb is None:
+        from mtplx.prefix import default_cache_gb
+
+        gb = default_cache_gb("cuda" if _cuda_available() else "cpu")
+    if gb < 0:
+        return f"--cache-gb must be >= 0 (0 turns the cache off), got {gb}"
+    if args.cache_dir and gb == 0:
+        return "--cache-dir needs the cache on: drop --cache-gb 0"
+    if args.cache_disk_gb is not None and args.cache_disk_gb <= 0:
+        return f"--cache-disk-gb must be > 0, got {args.cache_disk_gb}"
+    return dict(gb=gb, block=args.cache_block, ttl_s=args.cache_ttl, cache_dir=args.cache_dir,
+                disk_gb=args.cache_disk_gb)
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -95,12 +137,16 @@ def run(args) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     names = args.served_model_name or []
+    cache = prefix_cache_options(args)
+    if isinstance(cache, str):
+        print(f"error: {cache}", file=sys.stderr)
+        return 2
     try:
         adapter, depth = load_adapter(args.model, backend=args.backend, dtype=args.dtype, depth=args.depth,
                                       max_context=args.max_context, model_id=names[0] if names else None,
                                       chat_template=chat_template,
                                       threads=args.threads or None, draft_cutoff=args.draft_cutoff,
-                                      **load_options(args))
+                                      prefix_cache=cache, **load_options(args))
     except Exception as e:  # a clear message, no trace, for a model that cannot be loaded
         print(f"error: cannot load model {args.model or '(default)'}: {e}", file=sys.stderr)
         return 1
@@ -113,8 +159,13 @@ def run(args) -> int:
     fmt = detect_format(adapter.chat_template)
     tools = {"xml": "tool calls: Qwen3.5 XML", "json": "tool calls: Qwen3 JSON"}.get(
         fmt.tool_format, "no tool calls (the chat template renders none: see --chat-template)")
+    pc = adapter.prefix_cache
+    cache_note = "prefix cache off" if pc is None else (
+        f"prefix cache {pc.max_bytes / (1 << 30):.1f} GB in blocks of {pc.block_size}"
+        f"{f', disk {pc.disk.folder}' if pc.disk is not None else ''}")
     print(f"mtplx serve: {app.state.mtplx.model_id} (MTP depth {depth}; {tools}"
-          f"{'; thinking' if fmt.thinking else ''}) on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+          f"{'; thinking' if fmt.thinking else ''}; {cache_note}) on http://{args.host}:{args.port}/v1",
+          file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, server_header=False,
                 access_log=args.log_level == "debug", timeout_graceful_shutdown=5)
     return 0

@@ -124,7 +124,7 @@ class PrefixCache:
                 if blk is None and self.disk is not None:
                     blk = self.disk.load(key, self.nbytes)
                     if blk is not None and tuple(ids[k * B:(k + 1) * B]) == blk.tokens:
-                        self._insert(blk, from_disk=True)
+                        self._insert(blk, from_disk=True)  # (kept for this restore even if RAM is full)
                         self.counters.disk_hit_tokens += B
                 if blk is None or blk.tokens != tuple(ids[k * B:(k + 1) * B]):
                     break
@@ -156,7 +156,8 @@ class PrefixCache:
                 if self.disk is not None:
                     self.disk.save(blk)
                 return False
-            self._insert(blk)
+            if not self._insert(blk):
+                return False
             self.counters.stored_tokens += self.block_size
             self.counters.stored_bytes += blk.nbytes
             if self.disk is not None:
@@ -168,7 +169,9 @@ class PrefixCache:
             self._blocks.clear()
             self.bytes = 0
 
-    def _insert(self, blk: Block, from_disk: bool = False) -> None:
+    def _insert(self, blk: Block, from_disk: bool = False) -> bool:
+        """Add a block (evicting others for room); False when nothing else could make room and
+        it was dropped again (a chain longer than the budget keeps its first blocks)."""
         blk.used_at = self.clock()
         if blk.parent is not None and blk.parent in self._blocks:
             self._blocks[blk.parent].children += 1
@@ -176,6 +179,10 @@ class PrefixCache:
         self.bytes += blk.nbytes
         self._touch(self._ancestors(blk))
         self._evict(keep=blk)
+        if self.bytes > self.max_bytes:
+            self._remove(blk)
+            return False
+        return True
 
     def _ancestors(self, blk: Block) -> list[Block]:
         chain = [blk]

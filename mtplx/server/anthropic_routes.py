@@ -125,9 +125,12 @@ def _stop_reason(finish: ChatFinish) -> str:
     return "stop_sequence" if finish.stop_sequence else "end_turn"
 
 
-def _usage(prompt_tokens: int, output_tokens: int) -> dict:
-    return {"input_tokens": prompt_tokens, "output_tokens": output_tokens,
-            "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+def _usage(prompt_tokens: int, output_tokens: int, stats=None) -> dict:
+    """Anthropic's split of the prompt: input_tokens + cache_read + cache_creation = the prompt."""
+    read = stats.cached_tokens if stats else 0
+    wrote = stats.cache_write_tokens if stats else 0
+    return {"input_tokens": prompt_tokens - read - wrote, "output_tokens": output_tokens,
+            "cache_creation_input_tokens": wrote, "cache_read_input_tokens": read}
 
 
 @router.post("/v1/messages/count_tokens")
@@ -155,7 +158,7 @@ async def messages(body: MessagesRequest, request: Request):
     return JSONResponse({
         "id": mid, "type": "message", "role": "assistant", "model": st.model_id, "content": content,
         "stop_reason": _stop_reason(out.finish), "stop_sequence": out.finish.stop_sequence,
-        "usage": _usage(len(run.prompt_ids), out.finish.completion_tokens),
+        "usage": _usage(len(run.prompt_ids), out.finish.completion_tokens, out.finish.stats),
         "timings": timings(out.finish.stats),
     })
 
@@ -223,7 +226,8 @@ async def _stream(run, mid: str, st, request: Request):
                 yield sse_event("message_delta", {
                     "type": "message_delta",
                     "delta": {"stop_reason": _stop_reason(ev), "stop_sequence": ev.stop_sequence},
-                    "usage": {"output_tokens": ev.completion_tokens}, "timings": timings(ev.stats)})
+                    "usage": _usage(len(run.prompt_ids), ev.completion_tokens, ev.stats),
+                    "timings": timings(ev.stats)})
                 yield sse_event("message_stop", {"type": "message_stop"})
                 continue
             first = blocks.index < 0

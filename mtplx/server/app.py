@@ -148,7 +148,8 @@ def request_log_line(method: str, path: str, status: int, state: dict, wall_s: f
     stats = state.get("mtplx_stats")
     if stats is not None:
         tps = (stats.generated_tokens - 1) / stats.decode_s if stats.decode_s > 0 and stats.generated_tokens > 1 else 0.0
-        line += f" prompt={stats.prompt_tokens} generated={stats.generated_tokens} ({tps:.1f} tok/s)"
+        cached = f" cached={stats.cached_tokens}" if stats.cached_tokens else ""
+        line += f" prompt={stats.prompt_tokens}{cached} generated={stats.generated_tokens} ({tps:.1f} tok/s)"
     if status >= 400 and state.get("mtplx_error"):
         line += f" - {state['mtplx_error'][:300]}"
     return line

@@ -168,12 +168,13 @@ def note_request(request: Request, stats: GenStats) -> None:
 
 def timings(stats: GenStats) -> dict:
     """llama.cpp-style `timings`, plus MTP acceptance by depth."""
-    pn, gn = stats.prompt_tokens, stats.generated_tokens
+    pn, gn = stats.prompt_tokens - stats.cached_tokens, stats.generated_tokens  # prompt_n: prefilled
     p_ms, g_ms = stats.prompt_s * 1000.0, stats.decode_s * 1000.0
     decoded = max(gn - 1, 0)  # the first token is produced by the prefill
     drafted = list(stats.drafted_by_depth)
     accepted = list(stats.accepted_by_depth)
     return {
+        "cache_n": stats.cached_tokens,
         "prompt_n": pn,
         "prompt_ms": round(p_ms, 3),
         "prompt_per_token_ms": round(p_ms / pn, 3) if pn else 0.0,

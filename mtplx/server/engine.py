@@ -30,6 +30,8 @@ class GenStats:
     """Running stats of one request (cumulative)."""
 
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, restored from the prefix cache
+    cache_write_tokens: int = 0  # of prompt_tokens, added to the prefix cache
     generated_tokens: int = 0
     prompt_s: float = 0.0  # prefill + first token
     decode_s: float = 0.0  # everything after the first token

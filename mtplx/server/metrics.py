@@ -11,6 +11,45 @@ disable_created_metrics()  # no *_created series: they double the output and nob
 from mtplx.server.engine import GenStats
 
 
+class PrefixCacheCollector:
+    """The prefix cache's counters and size, read at scrape time (mtplx.prefix.PrefixCache)."""
+
+    COUNTERS = (
+        ("hit_tokens", "Prompt tokens restored from the prefix cache"),
+        ("miss_tokens", "Prompt tokens prefilled after a prefix cache lookup"),
+        ("disk_hit_tokens", "Of the restored tokens, those read back from the disk tier"),
+        ("stored_tokens", "Prompt tokens stored in the prefix cache"),
+        ("stored_bytes", "Bytes stored in the prefix cache"),
+        ("evicted_tokens", "Tokens evicted from the prefix cache for memory"),
+        ("evicted_bytes", "Bytes evicted from the prefix cache for memory"),
+        ("expired_tokens", "Tokens dropped from the prefix cache by the TTL"),
+    )
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        c = self.cache.counters
+        for name, doc in self.COUNTERS:
+            yield CounterMetricFamily(f"mtplx_prefix_cache_{name}", doc, value=getattr(c, name))
+        yield CounterMetricFamily("mtplx_prefix_cache_lookups", "Prefix cache lookups (one per request)",
+                                  value=c.lookups)
+        yield GaugeMetricFamily("mtplx_prefix_cache_bytes", "Bytes held by the prefix cache in memory",
+                                value=self.cache.bytes)
+        yield GaugeMetricFamily("mtplx_prefix_cache_capacity_bytes", "The prefix cache's memory budget",
+                                value=self.cache.max_bytes)
+        yield GaugeMetricFamily("mtplx_prefix_cache_tokens", "Tokens held by the prefix cache in memory",
+                                value=self.cache.tokens)
+        if self.cache.disk is not None:
+            yield GaugeMetricFamily("mtplx_prefix_cache_disk_bytes", "Bytes of the prefix cache's disk tier",
+                                    value=self.cache.disk.bytes)
+
+
 class Metrics:
     def __init__(self, engine_ref=None):
         self.registry = r = CollectorRegistry()
@@ -44,6 +83,11 @@ class Metrics:
         self._drafted_tot: dict[int, int] = {}
         self._accepted_tot: dict[int, int] = {}
         self._engine = engine_ref
+        cache = getattr(getattr(engine_ref, "model", None), "prefix_cache", None)
+        if cache is not None:
+            r.register(PrefixCacheCollector(cache))
+        self.cached_tokens = Counter("mtplx_prompt_cached_tokens", "Prompt tokens of finished requests served "
+                                     "from the prefix cache", registry=r)
         if engine_ref is not None:
             self.queue_depth.set_function(lambda: engine_ref.queue_depth)
             self.active.set_function(lambda: engine_ref.active_count)
@@ -54,14 +98,15 @@ class Metrics:
         if outcome == "error":
             self.errors.labels(kind="generation").inc()
         self.prompt_tokens.inc(stats.prompt_tokens)
+        self.cached_tokens.inc(stats.cached_tokens)
         self.generated_tokens.inc(stats.generated_tokens)
         self.latency.observe(wall_s)
         if stats.decode_s > 0 and stats.generated_tokens > 1:
             tps = (stats.generated_tokens - 1) / stats.decode_s
             self.gen_tps.set(tps)
             self.gen_tps_hist.observe(tps)
-        if stats.prompt_s > 0 and stats.prompt_tokens:
-            self.prompt_tps.set(stats.prompt_tokens / stats.prompt_s)
+        if stats.prompt_s > 0 and stats.prompt_tokens > stats.cached_tokens:
+            self.prompt_tps.set((stats.prompt_tokens - stats.cached_tokens) / stats.prompt_s)
         for k, (d, a) in enumerate(zip(stats.drafted_by_depth, stats.accepted_by_depth), start=1):
             if d <= 0:
                 continue

@@ -15,14 +15,15 @@ class PromptError(ValueError):
 
 
 def _stats(s) -> GenStats:  # mtplx.decoding.stats.GenerationStats -> GenStats
-    return GenStats(prompt_tokens=s.prompt_tokens, generated_tokens=s.generation_tokens,
+    return GenStats(prompt_tokens=s.prompt_tokens, cached_tokens=s.cached_tokens,
+                    cache_write_tokens=s.cache_write_tokens, generated_tokens=s.generation_tokens,
                     prompt_s=s.prompt_time_s, decode_s=s.generation_time_s, depth=s.depth,
                     cycles=s.verify_passes, drafted_by_depth=list(s.drafted), accepted_by_depth=list(s.accepted))
 
 
 class MtplxModelAdapter:
     def __init__(self, model, max_context: int | None = None, model_id: str | None = None,
-                 draft_cutoff: float = 0.0, chat_template: str | None = None):
+                 draft_cutoff: float = 0.0, chat_template: str | None = None, prefill_block: int | None = None):
         if model.tokenizer is None:
             raise ValueError(f"{model.path} has no tokenizer.json: the server needs a tokenizer to read text")
         self.model = model
@@ -36,6 +37,8 @@ class MtplxModelAdapter:
         self.vocab_size = int(model.config.vocab_size)
         SamplingParams(draft_cutoff=draft_cutoff).validate()
         self.draft_cutoff = draft_cutoff  # the server's adaptive draft length, for every request
+        self.prefix_cache = model.prefix_cache  # mtplx.prefix.PrefixCache or None (off)
+        self.prefill_block = prefill_block  # with the cache off too: the output must not depend on it
 
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None, **template_kwargs) -> str:
         try:
@@ -57,7 +60,8 @@ class MtplxModelAdapter:
 
         if self.draft_cutoff and not params.draft_cutoff:
             params = replace(params, draft_cutoff=self.draft_cutoff)
-        session = self.model.new_session(max_context=self.max_context) if self._cap_context else None
+        session = self.model.new_session(max_context=self.max_context if self._cap_context else None,
+                                         prefill_block=self.prefill_block)
         for r in stream_generate(self.model, list(prompt_ids), params, depth, session=session):
             yield GenStep(text=r.text, token_ids=[r.token], finish_reason=r.finish_reason,
                           stop_sequence=r.stop if isinstance(r.stop, str) else None, stats=_stats(r.stats))
@@ -66,8 +70,9 @@ class MtplxModelAdapter:
 def load_adapter(path: str | None, backend: str | None = None, dtype: str | None = None, depth: int | None = None,
                  max_context: int | None = None, model_id: str | None = None,
                  threads: int | None = None, draft_cutoff: float = 0.0, chat_template: str | None = None,
-                 **load_options) -> tuple[MtplxModelAdapter, int]:
-    """Load a checkpoint (None: the embedded default) -> (adapter, MTP depth to serve with)."""
+                 prefix_cache: dict | None = None, **load_options) -> tuple[MtplxModelAdapter, int]:
+    """Load a checkpoint (None: the embedded default) -> (adapter, MTP depth to serve with).
+    prefix_cache: Model.enable_prefix_cache's arguments (gb 0: off; block applies either way)."""
     import mtplx.api as api
 
     model = api.load(path, backend=backend, dtype=dtype, **load_options)
@@ -76,8 +81,11 @@ def load_adapter(path: str | None, backend: str | None = None, dtype: str | None
 
         apply_default_threads(model.model)
     depth = api.resolve_depth(model, depth)
+    opts = dict(prefix_cache or {})
+    if opts.get("gb", 0) > 0:  # after the thread count is set: it is part of a disk cache's identity
+        model.enable_prefix_cache(**opts)
     adapter = MtplxModelAdapter(model, max_context=max_context, model_id=model_id, draft_cutoff=draft_cutoff,
-                                chat_template=chat_template)
+                                chat_template=chat_template, prefill_block=opts.get("block"))
     return adapter, depth
 
 

@@ -15,6 +15,7 @@ from mtplx.server.common import (
     APIError, DoneEvent, SSEResponse, StepEvent, collect, job_events, make_params, new_id, note_request, now,
     resolve_max_tokens, tokenize, sse_data, submit, timings,
 )
+from mtplx.server.engine import GenStats
 from mtplx.server.errors import error_body
 from mtplx.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, TextPart
 
@@ -127,9 +128,10 @@ def _stops(stop) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop)
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def _usage(prompt_tokens: int, completion_tokens: int, stats: GenStats | None) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens if stats else 0}}
 
 
 def _finish(reason: str) -> str:
@@ -176,7 +178,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         "id": cid, "object": "chat.completion", "created": created, "model": st.model_id,
         "system_fingerprint": st.fingerprint,
         "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": out.finish.reason}],
-        "usage": _usage(len(run.prompt_ids), out.finish.completion_tokens),
+        "usage": _usage(len(run.prompt_ids), out.finish.completion_tokens, out.finish.stats),
         "timings": timings(out.finish.stats),
     })
 
@@ -219,7 +221,7 @@ async def _chat_stream(run, cid, created, st, include_usage, request):
                 yield sse_data(chunk({"delta": {}, "logprobs": None, "finish_reason": ev.reason},
                                      timings=timings(ev.stats)))
                 if include_usage:
-                    yield sse_data(chunk(None, usage=_usage(len(run.prompt_ids), ev.completion_tokens),
+                    yield sse_data(chunk(None, usage=_usage(len(run.prompt_ids), ev.completion_tokens, ev.stats),
                                          timings=timings(ev.stats)))
                 continue
             delta = _chat_delta(ev)
@@ -246,7 +248,7 @@ async def _completion_stream(job, cid, created, model_id, include_usage, request
                 yield sse_data(chunk({"text": "", "logprobs": None, "finish_reason": _finish(ev.finish_reason)},
                                      timings=timings(ev.stats)))
                 if include_usage:
-                    yield sse_data(chunk(None, usage=_usage(len(job.prompt_ids), ev.stats.generated_tokens or n),
+                    yield sse_data(chunk(None, usage=_usage(len(job.prompt_ids), ev.stats.generated_tokens or n, ev.stats),
                                          timings=timings(ev.stats)))
     except APIError as e:
         yield sse_data(error_body(request.url.path, e.status, e.message))
@@ -285,7 +287,7 @@ async def completions(body: CompletionRequest, request: Request):
         "id": cid, "object": "text_completion", "created": created, "model": st.model_id,
         "system_fingerprint": st.fingerprint,
         "choices": [{"index": 0, "text": out.text, "logprobs": None, "finish_reason": _finish(out.finish_reason)}],
-        "usage": _usage(len(prompt_ids), out.completion_tokens),
+        "usage": _usage(len(prompt_ids), out.completion_tokens, out.stats),
         "timings": timings(out.stats),
     })
 

@@ -236,7 +236,8 @@ def _response(rid: str, created: int, st, body: ResponsesRequest, output: list, 
               finish: ChatFinish | None, prompt_tokens: int) -> dict:
     usage = None
     if finish is not None:
-        usage = {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        cache = {"cached_tokens": finish.stats.cached_tokens, "cache_write_tokens": finish.stats.cache_write_tokens}
+        usage = {"input_tokens": prompt_tokens, "input_tokens_details": cache,
                  "output_tokens": finish.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                  "total_tokens": prompt_tokens + finish.completion_tokens}
     resp = {
