@@ -44,6 +44,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_quantize_arg(p)
     add_drafting_args(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for small CPU models, else torch's choice; $MTPLX_THREADS)")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="prefix cache on disk: a prompt that starts like one of an earlier run restores "
+                        "those blocks instead of prefilling them (same output; one model per DIR)")
+    p.add_argument("--cache-block", type=int, default=None, metavar="N",
+                   help="prefill block in tokens, the prefix cache's granularity (default 256)")
     p.add_argument("--compare", action="store_true",
                    help="also run plain decoding (depth 0) on the same prompt and report the speedup")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
@@ -80,6 +85,21 @@ def run(args) -> int:
         from mtplx.backends.torch.loader import apply_default_threads
 
         apply_default_threads(model.model)
+    if args.cache_dir:
+        from mtplx.prefix import default_cache_gb
+
+        model.enable_prefix_cache(gb=default_cache_gb(str(model.device)), block=args.cache_block,
+                                  cache_dir=args.cache_dir)
+    try:
+        return _generate(args, model, text, params)
+    finally:
+        if model.prefix_cache is not None:
+            model.prefix_cache.close()
+
+
+def _generate(args, model, text, params) -> int:
+    import mtplx
+
     if args.chat:
         messages = []
         if args.system:

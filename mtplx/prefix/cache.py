@@ -164,6 +164,11 @@ class PrefixCache:
                 self.disk.save(blk)
             return True
 
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish the disk tier's pending writes (end of a process)."""
+        if self.disk is not None:
+            self.disk.flush(timeout)
+
     def clear(self) -> None:
         with self._lock:
             self._blocks.clear()

@@ -212,6 +212,9 @@ def create_app(model: ModelAdapter, *, depth: int = 0, max_queue: int = 16, para
             yield
         finally:
             engine.shutdown()
+            cache = getattr(model, "prefix_cache", None)
+            if cache is not None:
+                cache.close()  # the disk tier's pending writes
 
     app = FastAPI(title="mtplx", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   debug=False)

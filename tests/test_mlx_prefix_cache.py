@@ -1,0 +1,36 @@
+"""The prefix cache on the MLX backend: cache on == cache off, token for token (tiny models)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from test_mlx_common import mlx_model  # noqa: E402  (skips without mlx)
+
+from mtplx.backends.mlx.session import payload_nbytes  # noqa: E402
+from mtplx.decoding.loop import generate_steps  # noqa: E402
+from mtplx.decoding.params import SamplingParams  # noqa: E402
+from mtplx.prefix import PrefixCache  # noqa: E402
+
+
+def _run(model, prompt, params, depth, cache, block):
+    s = model.new_session(prefix_cache=cache, prefill_block=block)
+    return [st.token_id for st in generate_steps(s, prompt, params, depth, rng=s.make_rng(params.seed))], s
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_mlx_cache_on_equals_cache_off(kind):
+    m = mlx_model(kind)
+    V, block = m.cfg.vocab_size, 8
+    r = random.Random(0)
+    base = [r.randrange(V) for _ in range(3 * block + 3)]
+    prompts = [base, base[:2 * block + 2] + [r.randrange(V) for _ in range(5)], base + [r.randrange(V) for _ in range(9)]]
+    for depth, params in ((0, SamplingParams(max_tokens=6)), (2, SamplingParams(max_tokens=6)),
+                          (2, SamplingParams(max_tokens=6, temperature=0.9, seed=3))):
+        cache = PrefixCache(max_bytes=1 << 28, block_size=block, nbytes=payload_nbytes)
+        for i, p in enumerate(prompts):
+            off, _ = _run(m, p, params, depth, None, block)
+            on, s = _run(m, p, params, depth, cache, block)
+            assert on == off, (kind, depth, i)
+            assert s.cached_tokens == [0, 2 * block, 3 * block][i]
