@@ -225,9 +225,14 @@ def test_build_prompt_forced_calls_and_history_checks():
     assert p.text.endswith("</think>\n\n<tool_call>\n<function=") and p.stops == [] and not p.start_in_reasoning
     p = build_prompt(r, t, user, TOOLS, ToolChoice("auto", parallel=False))
     assert p.stops == ["</tool_call>"] and p.start_in_reasoning
-    # system messages anywhere are folded into the first turn
+    # system messages before the first answer join the first turn; later ones stay in place
     p = build_prompt(r, t, user + [{"role": "system", "content": "late"}], [], ToolChoice("none"))
     assert p.text.startswith("<|im_start|>system\nlate<|im_end|>")
+    turn2 = user + [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"}]
+    p1 = build_prompt(r, t, turn2, [], ToolChoice("none"))
+    p2 = build_prompt(r, t, turn2 + [{"role": "system", "content": "plan mode"}], [], ToolChoice("none"))
+    assert p2.text.startswith(p1.text[:p1.text.rindex("<|im_start|>assistant")])  # the prefix stays
+    assert "<|im_start|>user\n<system-reminder>\nplan mode\n</system-reminder><|im_end|>" in p2.text
     with pytest.raises(ToolSpecError, match="no earlier assistant"):
         build_prompt(r, t, user + [{"role": "tool", "tool_call_id": "x", "content": "r"}], TOOLS, ToolChoice())
     with pytest.raises(ToolSpecError, match="not among the request's tools"):

@@ -180,6 +180,14 @@ def test_session_block_must_match_the_cache():
         m.new_session(prefix_cache=PrefixCache(max_bytes=1 << 20, block_size=16, nbytes=_nbytes), prefill_block=8)
 
 
+def test_sessions_of_one_cache_share_the_head_hidden_source():
+    m = our_model("dense", torch.float32)
+    cache = PrefixCache(max_bytes=1 << 20, block_size=8, nbytes=_nbytes)
+    m.new_session(prefix_cache=cache, hidden_source="post")
+    with pytest.raises(ValueError, match="hidden_source"):
+        m.new_session(prefix_cache=cache, hidden_source="pre")
+
+
 def _nbytes(payload):
     from mtplx.backends.torch.session import payload_nbytes
 

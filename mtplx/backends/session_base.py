@@ -64,6 +64,8 @@ class SessionBase:
             raise ValueError(f"prefill block must be >= 1 token, got {block}")
         self.prefill_block = int(block)
         self.prefix_cache = prefix_cache if prefix_cache is not None and prefix_cache.enabled else None
+        if self.prefix_cache is not None and self.has_head:  # blocks hold the head's pending hidden
+            self.prefix_cache.bind("hidden_source", self.hidden_source)
         self.cached_tokens = 0  # prompt tokens restored from the prefix cache
         self.stored_tokens = 0  # prompt tokens this prefill added to it
 

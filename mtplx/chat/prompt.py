@@ -42,10 +42,19 @@ class ChatPrompt:
 
 
 def _fold_system(messages: list[dict]) -> list[dict]:
-    """System messages anywhere (Claude Code sends some mid-conversation) -> one leading system turn."""
-    system = [m["content"] for m in messages if m["role"] == "system" and m.get("content")]
-    rest = [m for m in messages if m["role"] != "system"]
-    return ([{"role": "system", "content": "\n\n".join(system)}] if system else []) + rest
+    """The Qwen templates take one system turn, first. System messages before the first assistant
+    turn (Claude Code sends one there) join it, in order; a later one stays where it was, as a user
+    turn wrapped in <system-reminder> tags: moving it to the top would change the start of the
+    prompt, and with it every cached block of the conversation (mtplx/prefix)."""
+    first_answer = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
+    system = [m["content"] for m in messages[:first_answer] if m["role"] == "system" and m.get("content")]
+    out = [{"role": "system", "content": "\n\n".join(system)}] if system else []
+    for i, m in enumerate(messages):
+        if m["role"] != "system":
+            out.append(m)
+        elif i > first_answer and m.get("content"):
+            out.append({"role": "user", "content": f"<system-reminder>\n{m['content']}\n</system-reminder>"})
+    return out
 
 
 def _check_history(messages: list[dict], tools: list[Tool]) -> None:

@@ -93,6 +93,7 @@ class PrefixCache:
             raise ValueError(f"prefix cache budget must be >= 0 bytes, got {self.max_bytes}")
         self._blocks: OrderedDict[bytes, Block] = OrderedDict()  # oldest use first
         self._lock = threading.RLock()
+        self._bound: dict = {}
         self.bytes = 0
 
     # -- queries
@@ -163,6 +164,14 @@ class PrefixCache:
             if self.disk is not None:
                 self.disk.save(blk)
             return True
+
+    def bind(self, name: str, value) -> None:
+        """Record a setting every session of this cache must share (the first session sets it)."""
+        with self._lock:
+            have = self._bound.setdefault(name, value)
+        if have != value:
+            raise ValueError(f"this prefix cache holds blocks computed with {name}={have!r}; a session with "
+                             f"{name}={value!r} cannot use them (give it its own cache)")
 
     def close(self, timeout: float = 30.0) -> None:
         """Finish the disk tier's pending writes (end of a process)."""
