@@ -34,3 +34,19 @@ def test_mlx_cache_on_equals_cache_off(kind):
             on, s = _run(m, p, params, depth, cache, block)
             assert on == off, (kind, depth, i)
             assert s.cached_tokens == [0, 2 * block, 3 * block][i]
+
+
+def test_mlx_disk_tier_round_trip(tmp_path):
+    import mtplx
+    from test_mlx_common import checkpoint
+
+    model = mtplx.load(checkpoint("moe").path, backend="mlx", dtype="float32")
+    ids = list(range(5, 60))
+    params = SamplingParams(max_tokens=6)
+    ref, _ = _run(model.model, ids, params, 2, None, 8)
+    cache = model.enable_prefix_cache(gb=0.1, block=8, cache_dir=tmp_path / "pc")
+    assert _run(model.model, ids, params, 2, cache, 8)[0] == ref
+    cache.close()
+    restarted = model.enable_prefix_cache(gb=0.1, block=8, cache_dir=tmp_path / "pc")
+    toks, s = _run(model.model, ids, params, 2, restarted, 8)
+    assert toks == ref and s.cached_tokens == 48 and restarted.counters.disk_hit_tokens == 48

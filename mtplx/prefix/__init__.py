@@ -51,13 +51,16 @@ def _torch_io(device):
     from safetensors.torch import save_file
 
     def save(path: Path, payload: dict, meta: dict, tokens: list) -> None:
-        t = {k: v.detach().contiguous().cpu() for k, v in payload.items()}
+        t = {k: v.detach().cpu().clone() for k, v in payload.items()}  # own storage each (views of one buffer)
         t[TOKENS] = torch.tensor(tokens, dtype=torch.int32)
         save_file(t, str(path), metadata=meta)
 
     def load(path: Path) -> tuple[dict, dict]:
+        from mtplx.backends.torch.session import packed_copy
+
         with safe_open(str(path), framework="pt", device=str(device)) as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            return packed_copy(tensors), dict(f.metadata() or {})
 
     return save, load
 

@@ -40,17 +40,17 @@ class TorchSession(SessionBase):
         return self.model.mtp.rows(hid, ids, head_pos, self.head_cache, drafting=True)
 
     def _export_block(self, start: int, end: int) -> dict:
-        out = {}
+        parts = {}
         for i, c in enumerate(self.cache.layers):
             if isinstance(c, AttnCache):
-                out[f"k.{i}"], out[f"v.{i}"] = (t[:, start:end].clone() for t in (c.k, c.v))
+                parts[f"k.{i}"], parts[f"v.{i}"] = c.k[:, start:end], c.v[:, start:end]
             else:
-                out[f"conv.{i}"], out[f"state.{i}"] = c.conv.clone(), c.state.clone()
+                parts[f"conv.{i}"], parts[f"state.{i}"] = c.conv, c.state
         if self.has_head:
             a = max(start - 1, 0)
-            out["head.k"], out["head.v"] = (t[:, a:end - 1].clone() for t in (self.head_cache.k, self.head_cache.v))
-            out["hid"] = self._pend_h[0].clone()  # h[end-1], [1, H]
-        return out
+            parts["head.k"], parts["head.v"] = self.head_cache.k[:, a:end - 1], self.head_cache.v[:, a:end - 1]
+            parts["hid"] = self._pend_h[0]  # h[end-1], [1, H]
+        return packed_copy(parts)
 
     def _import_blocks(self, payloads: list[dict], end: int) -> None:
         for i, c in enumerate(self.cache.layers):
@@ -68,6 +68,25 @@ class TorchSession(SessionBase):
             hc.v[:, :end - 1] = torch.cat([p["head.v"] for p in payloads], 1)
 
 
+def packed_copy(parts: dict) -> dict:
+    """Copies of `parts` laid out in one buffer per dtype (a block is one allocation, not 30:
+    what the allocator holds for it is then what it reports)."""
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for name, t in parts.items():
+        by_dtype.setdefault(t.dtype, []).append(name)
+    out = {}
+    for dtype, names in by_dtype.items():
+        flat = torch.empty(sum(parts[n].numel() for n in names), dtype=dtype, device=parts[names[0]].device)
+        o = 0
+        for n in names:
+            t = parts[n]
+            view = flat[o:o + t.numel()].view(t.shape)
+            view.copy_(t)
+            out[n] = view
+            o += t.numel()
+    return out
+
+
 def payload_nbytes(payload: dict) -> int:
     return sum(t.numel() * t.element_size() for t in payload.values())
 
@@ -76,4 +95,4 @@ def payload_nbytes(payload: dict) -> int:
 for _name in ("prefill", "sample_first", "draft", "verify", "accept", "commit"):
     setattr(TorchSession, _name, torch.inference_mode()(getattr(SessionBase, _name)))
 
-__all__ = ["TorchSession", "payload_nbytes"]
+__all__ = ["TorchSession", "payload_nbytes", "packed_copy"]
