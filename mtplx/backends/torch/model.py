@@ -260,17 +260,35 @@ class Attention(nn.Module):
         return self._out(o, gate, PLAIN)
 
     def step(self, x, rope, pos0: int, cache, ops: Ops = EXACT):
-        """Exact path. x [T, H] at positions pos0..pos0+T-1; row i attends to keys <= pos0+i.
-        Rows are batched per key tile: a row at position p always runs over the first
-        L = ceil((p+1)/ATTN_TILE)*ATTN_TILE cache slots (later ones masked to -inf, probability 0),
-        whatever the other rows, so its scores / softmax / p @ V see the same shapes and values
-        as a one-token decode at p; query rows are padded to the dtype's ROW_GROUP."""
-        T = x.shape[0]
-        positions = torch.arange(pos0, pos0 + T, device=x.device)
+        """Exact path. x [T, H] at positions pos0..pos0+T-1; row i attends to keys <= pos0+i."""
+        return self.step_many(x, rope, [(pos0, x.shape[0])], [cache], ops)
+
+    def step_many(self, x, rope, spans, caches, ops: Ops = EXACT):
+        """Exact path over several sequences: x [sum T_i, H], sequence i's T_i rows at positions
+        pos0_i.. (spans [(pos0_i, T_i)]) against its own cache. Projections run on all rows at
+        once (row-invariant kernels); attention per sequence (`_attend`)."""
+        if len(spans) == 1:
+            positions = torch.arange(spans[0][0], spans[0][0] + spans[0][1], device=x.device)
+        else:
+            positions = torch.cat([torch.arange(p0, p0 + T, device=x.device) for p0, T in spans])
         q, k, v, gate = self._project(x, rope, positions, ops)
-        cache.write(pos0, k, v)
+        outs, r = [], 0
+        for (p0, T), cache in zip(spans, caches):
+            cache.write(p0, k[r:r + T], v[r:r + T])
+            outs.append(self._attend(q[r:r + T], p0, cache, x.dtype))
+            r += T
+        o = outs[0] if len(outs) == 1 else torch.cat(outs)  # [sum T, nh*hd]
+        return self._out(o, gate, ops)
+
+    def _attend(self, q, pos0: int, cache, dtype):
+        """q [T, nh, hd] at positions pos0.. over `cache` -> [T, nh*hd]. Rows are batched per key
+        tile: a row at position p always runs over the first L = ceil((p+1)/ATTN_TILE)*ATTN_TILE
+        cache slots (later ones masked to -inf, probability 0), whatever the other rows, so its
+        scores / softmax / p @ V see the same shapes and values as a one-token decode at p; query
+        rows are padded to the dtype's ROW_GROUP."""
+        T = q.shape[0]
         nkv, g, hd = self.nkv, self.nh // self.nkv, self.hd
-        rg = ROW_GROUP.get(x.dtype, 1)
+        rg = ROW_GROUP.get(dtype, 1)
         outs = []
         i = 0
         while i < T:
@@ -284,17 +302,16 @@ class Attention(nn.Module):
             if pad:
                 qg = torch.cat([qg, qg.new_zeros(nkv, pad, hd)], 1)
             s = torch.matmul(qg, K.transpose(1, 2)) * self.scale  # [nkv, M+pad, L]
-            qpos = torch.arange(pos0 + i, pos0 + j, device=x.device).repeat_interleave(g)
+            qpos = torch.arange(pos0 + i, pos0 + j, device=q.device).repeat_interleave(g)
             if pad:
                 qpos = torch.cat([qpos, qpos.new_full((pad,), pos0 + i)])
-            masked = torch.arange(L, device=x.device)[None, :] > qpos[:, None]  # [M+pad, L]
+            masked = torch.arange(L, device=q.device)[None, :] > qpos[:, None]  # [M+pad, L]
             s = s.masked_fill(masked, float("-inf"))
-            p = torch.softmax(s, dim=-1, dtype=torch.float32).to(x.dtype)
+            p = torch.softmax(s, dim=-1, dtype=torch.float32).to(dtype)
             o = torch.matmul(p, V)[:, :M]  # [nkv, M, hd]
             outs.append(o.reshape(nkv, n, g, hd).permute(1, 0, 2, 3).reshape(n, self.nh * hd))
             i = j
-        o = outs[0] if len(outs) == 1 else torch.cat(outs)  # [T, nh*hd]
-        return self._out(o, gate, ops)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 ATTN_TILE = 64  # exact-path attention key tile (cache capacity is kept a multiple of it)
@@ -422,28 +439,78 @@ class GatedDeltaNet(nn.Module):
     def step(self, x, cache, ops: Ops = EXACT):
         """Exact path. x [T, H]: token-by-token recurrence; records the state after every
         position in the cache (cache.keep(m) restores the state after position m-1)."""
-        T = x.shape[0]
+        return self.step_many(x, [x.shape[0]], [cache], ops)
+
+    def step_many(self, x, lengths, caches, ops: Ops = EXACT):
+        """Exact path over several sequences: x [sum T_i, H], T_i = lengths[i] rows of sequence i
+        with its own cache. Projections on all rows at once; the conv per sequence; the
+        recurrence of sequences with the same T_i runs stacked (one state update for all of them
+        per position: elementwise ops and per-matrix bmm, so each sequence's state gets the bits
+        it gets alone)."""
         mixed, z, beta, g = self._inputs(x, ops)
+        if len(lengths) == 1:  # decode / verify of one sequence
+            return self._out(self._one(mixed, q_k_v=None, beta=beta, g=g, cache=caches[0], ops=ops), z, x.dtype, ops)
+        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        conv = []
+        for r, T, cache in zip(starts, lengths, caches):
+            xx = torch.cat([cache.conv.to(mixed.dtype), mixed[r:r + T]], dim=0)
+            conv.append(causal_conv(xx, self.conv_w.float().t(), T))
+        q, k, v = self._qkv(conv[0] if len(conv) == 1 else torch.cat(conv), ops)
+        decay = exact_ew(torch.exp, g)
+        o = torch.empty(x.shape[0], self.nv, self.dv, dtype=torch.float32, device=x.device)
+        groups: dict[int, list[int]] = {}
+        for i, T in enumerate(lengths):
+            groups.setdefault(T, []).append(i)
+        for T, members in groups.items():
+            if len(members) == 1:
+                sel = (lambda t, a=starts[members[0]], T=T: t[a:a + T][None])
+            else:
+                rows = torch.cat([torch.arange(starts[i], starts[i] + T, device=x.device) for i in members])
+                sel = (lambda t, rows=rows, n=len(members), T=T: t[rows].reshape(n, T, *t.shape[1:]))
+            S = torch.stack([caches[i].state for i in members]) if len(members) > 1 else caches[members[0]].state[None]
+            n, nv = len(members), self.nv
+            states = _recurrence(S, sel(q), sel(k), sel(v), sel(beta), sel(decay))  # T x [n*nv, dk, dv]
+            St = torch.stack(states).reshape(T, n, nv, self.dk, self.dv).transpose(0, 1)  # [n, T, nv, dk, dv]
+            out = torch.matmul(sel(q)[:, :, :, None, :], St)[:, :, :, 0]  # [n, T, nv, dv]
+            for j, i in enumerate(members):
+                o[starts[i]:starts[i] + T] = out[j]
+                caches[i].record(mixed[starts[i]:starts[i] + T], [st[j * nv:(j + 1) * nv] for st in states])
+        return self._out(o, z, x.dtype, ops)
+
+    def _one(self, mixed, q_k_v, beta, g, cache, ops: Ops):
+        """One sequence's conv + recurrence (the same ops as a stacked group of one) -> o [T, nv, dv]."""
+        T = mixed.shape[0]
         xx = torch.cat([cache.conv.to(mixed.dtype), mixed], dim=0)
         q, k, v = self._qkv(causal_conv(xx, self.conv_w.float().t(), T), ops)
-        decay = exact_ew(torch.exp, g)
-        S = cache.state  # [nv, dk, dv] fp32
-        # everything but the state update is computed for all rows at once; per token: 5 ops
-        dec = decay[:, :, None, None].unbind(0)  # T x [nv, 1, 1]
-        krow = k[:, :, None, :].unbind(0)  # T x [nv, 1, dk]
-        kcol = k[:, :, :, None].unbind(0)  # T x [nv, dk, 1]
-        vrow = v[:, :, None, :].unbind(0)  # T x [nv, 1, dv]
-        brow = beta[:, :, None, None].unbind(0)  # T x [nv, 1, 1]
-        states = []
-        for t in range(T):
-            S = S * dec[t]
-            delta = (vrow[t] - torch.bmm(krow[t], S)) * brow[t]  # [nv, 1, dv]
-            S = S + kcol[t] * delta
-            states.append(S)
+        states = _recurrence(cache.state[None], q[None], k[None], v[None], beta[None], exact_ew(torch.exp, g)[None])
         St = torch.stack(states) if T > 1 else states[0][None]  # [T, nv, dk, dv]
         o = torch.matmul(q[:, :, None, :], St)[:, :, 0]  # [T, nv, dv]
         cache.record(mixed, states)
-        return self._out(o, z, x.dtype, ops)
+        return o
+
+
+def _recurrence(S, q, k, v, beta, decay):
+    """The gated delta rule, token by token, for n stacked sequences of T positions each:
+    S [n, nv, dk, dv] fp32, k [n, T, nv, dk], v [n, T, nv, dv], beta / decay [n, T, nv]
+    -> the state after each position (T x [n*nv, dk, dv]: sequence j's heads are rows
+    j*nv..(j+1)*nv-1). Only the state update is in the loop; sequences and heads fold into one
+    bmm batch, which multiplies each [1, dk] x [dk, dv] matrix pair on its own."""
+    n, T, nv, dk = k.shape
+    dv = v.shape[-1]
+    S = S.reshape(n * nv, dk, dv)
+    kt = k.transpose(0, 1).reshape(T, n * nv, dk)
+    dec = decay.transpose(0, 1).reshape(T, n * nv, 1, 1).unbind(0)  # T x [n*nv, 1, 1]
+    krow = kt[:, :, None, :].unbind(0)  # T x [n*nv, 1, dk]
+    kcol = kt[:, :, :, None].unbind(0)  # T x [n*nv, dk, 1]
+    vrow = v.transpose(0, 1).reshape(T, n * nv, 1, dv).unbind(0)
+    brow = beta.transpose(0, 1).reshape(T, n * nv, 1, 1).unbind(0)
+    states = []
+    for t in range(T):
+        S = S * dec[t]
+        delta = (vrow[t] - torch.bmm(krow[t], S)) * brow[t]  # [n*nv, 1, dv]
+        S = S + kcol[t] * delta
+        states.append(S)
+    return states
 
 
 # ---- MLPs ------------------------------------------------------------------------------------
@@ -601,8 +668,14 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(h.reshape(B * T, H), mlp_ops).reshape(B, T, H)
 
     def step(self, x, rope, pos0, cache, ops: Ops = EXACT):  # exact: x [T, H]
+        return self.step_many(x, rope, [(pos0, x.shape[0])], [cache], ops)
+
+    def step_many(self, x, rope, spans, caches, ops: Ops = EXACT):  # exact: x [sum T_i, H]
         h = rms_norm(x, self.input_norm, self.eps)
-        h = self.mixer.step(h, rope, pos0, cache, ops) if self.is_attn else self.mixer.step(h, cache, ops)
+        if self.is_attn:
+            h = self.mixer.step_many(h, rope, spans, caches, ops)
+        else:
+            h = self.mixer.step_many(h, [T for _, T in spans], caches, ops)
         x = x + h
         return x + self.mlp(rms_norm(x, self.post_norm, self.eps), ops)
 
@@ -675,12 +748,21 @@ class Qwen35Model(nn.Module):
     def step(self, ids: torch.Tensor, cache):
         """ids [T] at positions cache.length.. -> (post [T, H], pre [T, H], logits [T, V]).
         Positions stay pending until cache.keep(m)."""
-        pos0 = cache.length
-        cache.ensure(pos0 + ids.shape[0])
+        return self.step_many(ids, [ids.shape[0]], [cache])
+
+    def step_many(self, ids: torch.Tensor, lengths: list[int], caches: list):
+        """The exact step of several sequences in one forward: ids [sum T_i] (sequence i's T_i
+        ids at positions caches[i].length..) -> (post, pre [sum T_i, H], logits [sum T_i, V]).
+        Every kernel is row-invariant and attention / recurrence stay per sequence, so each
+        sequence's rows are bit-identical to its own `step`."""
+        spans = []
+        for T, cache in zip(lengths, caches):
+            cache.ensure(cache.length + T)
+            spans.append((cache.length, T))
         ops = KERNELS[self.kernel]
         x = F.embedding(ids, self.embed)
         for i, layer in enumerate(self.layers):
-            x = layer.step(x, self.rope, pos0, cache.layers[i], ops)
+            x = layer.step_many(x, self.rope, spans, [c.layers[i] for c in caches], ops)
         post = rms_norm(x, self.norm, self.eps)
         return post, x, self.logits(post, ops.lin)
 
