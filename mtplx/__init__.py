@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from mtplx.api import GenerationResponse, GenerationResult, Model, generate, load, stream_generate  # noqa: E402
+from mtplx.api import GenerationResponse, GenerationResult, Model, generate, generate_batch, load, stream_generate  # noqa: E402
 from mtplx.decoding.params import SamplingParams  # noqa: E402
 from mtplx.decoding.stats import GenerationStats  # noqa: E402
 
@@ -14,6 +14,7 @@ __all__ = [
     "Model",
     "SamplingParams",
     "generate",
+    "generate_batch",
     "load",
     "stream_generate",
 ]

@@ -6,6 +6,7 @@
         print(r.text, end="", flush=True)                # r.token, r.from_draft, r.stats, ...
     result = mtplx.generate(model, [{"role": "user", "content": "Hi"}], depth=2)
     result.text, result.token_ids, result.finish_reason, result.stats
+    results = mtplx.generate(model, ["def f(", "import os"])  # batched: a list of results
 
 A prompt is a string (tokenized as is), a list of token ids, or a list of chat messages
 (dicts with role/content: rendered with the checkpoint's chat template).
@@ -262,9 +263,54 @@ def stream_generate(model: Model, prompt: str | list, params: SamplingParams | N
         yield GenerationResponse(step.text, step.token_id, step.from_draft, step.finish_reason, step.stats, step.stop)
 
 
+def _is_batch(prompt) -> bool:
+    """A list of prompts (strings, token-id lists or message lists), not one prompt."""
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], (str, list, tuple))
+
+
+def generate_batch(model: Model, prompts: list, params: SamplingParams | list | None = None, depth: int | None = None,
+                   *, chat_kwargs: dict | None = None, max_batch: int = 8) -> list[GenerationResult]:
+    """Generate for several prompts at once (mtplx.decoding.batch: up to `max_batch` share every
+    verify forward); each result is the one `generate` gives for its prompt alone. `params` is
+    one SamplingParams for all or a list, one per prompt."""
+    from mtplx.decoding.batch import BatchRunner
+    from mtplx.decoding.loop import Generation
+
+    plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+    if len(plist) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams: give one, or one per prompt")
+    jobs = []
+    for prompt, p in zip(prompts, plist):
+        p, d = _resolve(model, p, depth)
+        ids = model.encode_prompt(prompt, chat_kwargs)
+        detok = model.tokenizer.detokenizer() if model.tokenizer is not None else None
+        jobs.append((ids, p, d, detok))
+    runner = BatchRunner(max_batch=max_batch)
+    steps: dict[int, list] = {i: [] for i in range(len(jobs))}
+    waiting = list(range(len(jobs)))
+    while waiting or len(runner):
+        while waiting and runner.free:
+            i = waiting.pop(0)
+            ids, p, d, detok = jobs[i]
+            runner.add(i, Generation(model.new_session(), ids, p, d, eos_token_ids=model.eos_token_ids,
+                                     detokenizer=detok))
+        for i, st in runner.step():
+            steps[i].append(st)
+    out = []
+    for i, (ids, *_rest) in enumerate(jobs):
+        st = steps[i]
+        out.append(GenerationResult("".join(x.text for x in st), ids, [x.token_id for x in st], st[-1].finish_reason,
+                                    st[-1].stats, [x.from_draft for x in st], st[-1].stop))
+    return out
+
+
 def generate(model: Model, prompt: str | list, params: SamplingParams | None = None, depth: int | None = None,
-             *, chat_kwargs: dict | None = None) -> GenerationResult:
-    """Run a whole generation -> GenerationResult (text, ids, finish reason, stats)."""
+             *, chat_kwargs: dict | None = None) -> GenerationResult | list[GenerationResult]:
+    """Run a whole generation -> GenerationResult (text, ids, finish reason, stats). A list of
+    prompts (strings, token-id lists or message lists) runs batched -> a list of results, each
+    the same as its prompt alone (see generate_batch)."""
+    if _is_batch(prompt):
+        return generate_batch(model, list(prompt), params, depth, chat_kwargs=chat_kwargs)
     params, depth = _resolve(model, params, depth)
     ids = model.encode_prompt(prompt, chat_kwargs)
     texts, toks, drafts = [], [], []

@@ -110,6 +110,12 @@ class SessionBase:
 
     # -- protocol
     def prefill(self, prompt_ids: list[int]) -> None:
+        for _ in self.prefill_blocks(prompt_ids):
+            pass
+
+    def prefill_blocks(self, prompt_ids: list[int]):
+        """`prefill` one block at a time: a generator that yields after each computed block (a
+        batching engine runs other sequences' cycles in between)."""
         if self.pos or self.last is not None:
             raise RuntimeError("prefill: this session already holds a sequence; create a new session")
         P = len(prompt_ids)
@@ -147,6 +153,8 @@ class SessionBase:
                 payload = self._export_block(s, e)
                 if store.store(keys[k], keys[k - 1] if k else None, prompt_ids[s:e], payload):
                     self.stored_tokens += B
+            if e < P:
+                yield e
         self._last_logits = last
 
     def sample_first(self, params: SamplingParams, rng: Any) -> int:
@@ -201,18 +209,106 @@ class SessionBase:
             logits = lg[-1]
         return drafted, self.sampling.stack_draft_probs(rows)
 
+    @classmethod
+    def draft_many(cls, sessions: list, depths: list[int], params: list[SamplingParams], rngs: list) -> list:
+        """`draft` of several sessions whose drafts decide no token (greedy requests: verify
+        alone picks every token), their head rows batched into one head forward per draft step
+        (`_head_rows_many`). Sampled requests must draft alone: their drafts' bits are part of
+        their output. -> [(drafted, q)] per session."""
+        out: list = [([], None)] * len(sessions)
+        live, rows, conf, base, last = [], {}, {}, {}, {}
+        for i, (s, d) in enumerate(zip(sessions, depths)):
+            if d <= 0:
+                continue
+            if not s.has_head or s.last is None:
+                raise RuntimeError("draft: needs an MTP head, prefill and sample_first")
+            if s.pos + d + 1 > s.max_context:
+                raise ValueError(f"context limit: drafting {d} tokens at position {s.pos} exceeds "
+                                 f"the context of {s.max_context} positions")
+            live.append(i)
+        items = []
+        for i in live:  # the pending verified pairs of each, as `_run_head` takes them
+            s = sessions[i]
+            n = len(s._pend_x)
+            H = s._cat(s._pend_h) if len(s._pend_h) > 1 else s._pend_h[0]
+            base[i] = s.head_len + n
+            items.append((s, H[:n], s._ids(s._pend_x), s.head_len))
+            s.head_len += n
+            s._pend_h = [H[n:]] if H.shape[0] > n else []
+            s._pend_x = []
+            rows[i], conf[i] = [], 1.0
+        j = 0
+        while items:
+            results = cls._head_rows_many(items)
+            for (s, *_), r in zip(items, results):
+                last[id(s)] = r
+            items = []
+            for i in live:
+                s = sessions[i]
+                if len(rows[i]) > j or id(s) not in last:
+                    continue
+                g, u, logits = last.pop(id(s))
+                tok, q = s.sampling.draft_token(logits, params[i], rngs[i])
+                rows[i].append(q)
+                out[i] = (out[i][0] + [tok], None)
+                if j + 1 == depths[i]:
+                    continue
+                if params[i].draft_cutoff > 0:
+                    conf[i] *= s.sampling.draft_prob(logits, tok, q)
+                    if conf[i] < params[i].draft_cutoff:
+                        continue
+                items.append((s, s._hid(g, u), s._ids([tok]), base[i] + j))
+            j += 1
+        return [(d, sessions[i].sampling.stack_draft_probs(rows[i]) if i in rows else None)
+                for i, (d, _) in enumerate(out)]
+
+    @classmethod
+    def _head_rows_many(cls, items: list) -> list:
+        """Head rows of several sessions [(session, hid [n, H], ids [n], head_pos)] -> per session
+        (g [1, H], u [1, H], logits [V]) of its last row. Default: one session at a time."""
+        res = []
+        for s, hid, ids, pos in items:
+            g, u, logits = s._head_rows(hid, ids, pos)
+            s._materialize(g, u, logits)
+            res.append((g[-1:], u[-1:], logits[-1]))
+        return res
+
     def verify(self, drafted: list[int]):
+        return type(self).verify_many([self], [drafted])[0]
+
+    def _check_verify(self, drafted: list[int]) -> None:
         if self.last is None:
             raise RuntimeError("verify: call prefill and sample_first first")
         T = len(drafted) + 1
         if self.pos + T > self.max_context:
             raise ValueError(f"context limit: {self.pos + T} positions needed, this session holds "
                              f"{self.max_context}; stop generation or raise max_context")
-        post, pre, logits = self.model.step(self._ids([self.last, *drafted]), self.cache)
-        hid = self._hid(post, pre)
-        self._materialize(logits, hid)
-        self._verified = (hid, list(drafted))
-        return logits  # [D+1, V]
+
+    @classmethod
+    def verify_many(cls, sessions: list, drafted: list[list[int]]) -> list:
+        """`verify` of several sessions of one model (each its own sequence): one target forward
+        when the backend's model has `step_many`, whose rows are bit-identical to each session's
+        own verify. -> each session's logits [D_i+1, V]."""
+        for s, d in zip(sessions, drafted):
+            s._check_verify(d)
+        model = sessions[0].model
+        feeds = [[s.last, *d] for s, d in zip(sessions, drafted)]
+        if len(sessions) == 1 or not hasattr(model, "step_many"):
+            outs = [model.step(s._ids(f), s.cache) for s, f in zip(sessions, feeds)]
+        else:
+            post, pre, logits = model.step_many(sessions[0]._ids([t for f in feeds for t in f]),
+                                                [len(f) for f in feeds], [s.cache for s in sessions])
+            outs, r = [], 0
+            for f in feeds:
+                outs.append((post[r:r + len(f)], pre[r:r + len(f)], logits[r:r + len(f)]))
+                r += len(f)
+        rows = []
+        for s, d, (post, pre, logits) in zip(sessions, drafted, outs):
+            hid = s._hid(post, pre)
+            s._materialize(logits, hid)
+            s._verified = (hid, list(d))
+            rows.append(logits)  # [D+1, V]
+        return rows
 
     def accept(self, rows, drafted, q, params: SamplingParams, rng: Any) -> tuple[int, int]:
         return self.sampling.accept(rows, list(drafted), q, params, rng)

@@ -40,8 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="replace the checkpoint's chat template: qwen3.5 (XML tool calls), qwen3 (JSON tool "
                         "calls), either with ':nothink' for thinking off by default, or a Jinja file")
     p.add_argument("--max-queue", type=int, default=16, help="requests allowed to wait; more get 429")
-    p.add_argument("--parallel", type=int, default=1,
-                   help="generations interleaved per decoding cycle (each has its own cache)")
+    p.add_argument("--max-batch", "--parallel", dest="max_batch", type=int, default=8, metavar="N",
+                   help="requests generated at once (default 8): their MTP cycles share one target forward, "
+                        "each output the same as alone; more wait in the queue")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="cap on generated tokens when a request gives no max_tokens (default: the context)")
     p.add_argument("--max-context", type=int, default=None,
@@ -108,8 +109,8 @@ def run(args) -> int:
         print(f"error: binding {args.host} exposes the server beyond this machine; pass --api-key KEY "
               f"(or set MTPLX_API_KEY), or bind 127.0.0.1", file=sys.stderr)
         return 2
-    if args.max_queue < 0 or args.parallel < 1 or args.port < 0 or args.port > 65535:
-        print("error: --max-queue must be >= 0, --parallel >= 1 and --port in [0, 65535]", file=sys.stderr)
+    if args.max_queue < 0 or args.max_batch < 1 or args.port < 0 or args.port > 65535:
+        print("error: --max-queue must be >= 0, --max-batch >= 1 and --port in [0, 65535]", file=sys.stderr)
         return 2
     try:
         import uvicorn
@@ -150,7 +151,7 @@ def run(args) -> int:
     except Exception as e:  # a clear message, no trace, for a model that cannot be loaded
         print(f"error: cannot load model {args.model or '(default)'}: {e}", file=sys.stderr)
         return 1
-    app = create_app(adapter, depth=depth, max_queue=args.max_queue, parallel=args.parallel,
+    app = create_app(adapter, depth=depth, max_queue=args.max_queue, parallel=args.max_batch,
                      api_key=args.api_key, max_body=int(args.max_body_mb * 1024 * 1024),
                      max_tokens_cap=args.max_tokens, model_id=names or None,
                      allow_origins=args.allow_origin)
@@ -164,7 +165,7 @@ def run(args) -> int:
         f"prefix cache {pc.max_bytes / (1 << 30):.1f} GB in blocks of {pc.block_size}"
         f"{f', disk {pc.disk.folder}' if pc.disk is not None else ''}")
     print(f"mtplx serve: {app.state.mtplx.model_id} (MTP depth {depth}; {tools}"
-          f"{'; thinking' if fmt.thinking else ''}; {cache_note}) on http://{args.host}:{args.port}/v1",
+          f"{'; thinking' if fmt.thinking else ''}; {cache_note}; batches of up to {args.max_batch}) on http://{args.host}:{args.port}/v1",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, server_header=False,
                 access_log=args.log_level == "debug", timeout_graceful_shutdown=5)

@@ -49,6 +49,138 @@ def check_prompt(prompt_ids: list[int], max_context: int | None) -> None:
         )
 
 
+class Generation:
+    """One request's decoding, advanced by a driver: `generate_steps` alone, or the batch runner
+    (mtplx/decoding/batch.py) with other requests. Either way the session sees the same calls in
+    the same order - prefill blocks, sample_first, then per cycle draft -> verify -> accept ->
+    commit - and the rng the same draws, so a request's tokens never depend on its neighbours.
+
+        g = Generation(session, prompt_ids, params, depth, ...)
+        while not g.prefill_block(): ...        # one prefill block per call
+        first = g.start()                       # the first token's step
+        while not g.finished:
+            drafted = g.draft()                 # (g.draft(d) caps this cycle's depth at d)
+            steps = g.finish_cycle(session.verify(drafted))
+    """
+
+    def __init__(self, session: Any, prompt_ids: list[int], params: SamplingParams, depth: int = 0, *,
+                 eos_token_ids: list[int] | tuple[int, ...] = (), detokenizer: Detokenizer | None = None,
+                 rng: Any = None):
+        params.validate()
+        if not isinstance(depth, int) or depth < 0:
+            raise ValueError(f"depth must be an integer >= 0, got {depth!r}")
+        self.prompt_ids = [int(t) for t in prompt_ids]
+        max_context = getattr(session, "max_context", None)
+        check_prompt(self.prompt_ids, max_context)
+        if params.stop and detokenizer is None:
+            raise ValueError("stop strings need a detokenizer (load the model with its tokenizer)")
+        self.session, self.params, self.depth, self.detokenizer = session, params, depth, detokenizer
+        self.stops = StopStrings(params.stop)
+        self.stop_ids = stop_token_set(eos_token_ids, params.stop_token_ids, params.ignore_eos)
+        self.budget = params.max_tokens
+        if max_context is not None:
+            self.budget = min(self.budget, max_context - len(self.prompt_ids))
+        self.stats = GenerationStats(depth=depth, prompt_tokens=len(self.prompt_ids))
+        self.rng = session.make_rng(params.seed) if rng is None else rng
+        self.generated = 0
+        self.finished = False
+        self.drafted: list[int] = []
+        self._q = None
+        self._blocks = None
+        self._t0 = self._t_first = None
+        self._t_cycle = 0.0
+
+    # -- prefill
+    def prefill_block(self) -> bool:
+        """Compute the next prefill block; True once the whole prompt is in."""
+        if self._blocks is None:
+            self._t0 = time.perf_counter()
+            blocks = getattr(self.session, "prefill_blocks", None)
+            self._blocks = blocks(self.prompt_ids) if blocks else iter([self.session.prefill(self.prompt_ids)][1:])
+        if next(self._blocks, None) is not None:
+            return False
+        self.stats.cached_tokens = int(getattr(self.session, "cached_tokens", 0))
+        self.stats.cache_write_tokens = int(getattr(self.session, "stored_tokens", 0))
+        return True
+
+    def start(self) -> GenerationStep:
+        """Sample the first token (after the prefill) and emit it."""
+        first = self.session.sample_first(self.params, self.rng)
+        self._t_first = time.perf_counter()
+        self.stats.prompt_time_s = self._t_first - self._t0
+        return self._emit(int(first), False)
+
+    # -- cycles
+    def cycle_depth(self, cap: int | None = None) -> int:
+        """The drafts this cycle asks for: the request's depth (capped by `cap`, the load), never
+        more than may still be emitted."""
+        d = self.depth if cap is None else min(cap, self.depth)
+        return max(0, min(d, self.budget - self.generated - 1))
+
+    def draft(self, cap: int | None = None) -> list[int]:
+        """This cycle's drafts (none at depth 0), drafted by the session alone."""
+        d = self.cycle_depth(cap)
+        t = time.perf_counter()
+        drafted, q = self.session.draft(d, self.params, self.rng) if d > 0 else ([], None)
+        return self.set_drafted(drafted, q, time.perf_counter() - t)
+
+    def set_drafted(self, drafted: list[int], q: Any, seconds: float) -> list[int]:
+        """This cycle's drafts, however they were drafted (alone, or batched by the runner)."""
+        self.drafted, self._q = [int(x) for x in drafted], q
+        self.stats.draft_time_s += seconds
+        self._t_verify = time.perf_counter()
+        return self.drafted
+
+    def finish_cycle(self, rows: Any) -> list[GenerationStep]:
+        """Accept against the verify rows, emit the decided tokens (stopping exactly at the first
+        stop condition, then without commit), commit."""
+        stats, clock = self.stats, time.perf_counter
+        t_verify = clock()
+        stats.verify_time_s += t_verify - self._t_verify
+        n, nxt = self.session.accept(rows, self.drafted, self._q, self.params, self.rng)
+        n, nxt = int(n), int(nxt)
+        stats.accept_time_s += clock() - t_verify
+        stats.record_cycle(len(self.drafted), n)
+        steps = []
+        for i, tok in enumerate(self.drafted[:n] + [nxt]):
+            steps.append(self._emit(tok, i < n))
+            if self.finished:
+                return steps
+        t = clock()
+        self.session.commit(n, nxt)
+        stats.commit_time_s += clock() - t
+        return steps
+
+    # -- emission
+    def _drain(self) -> tuple[str, bool]:
+        """End of text: release what the detokenizer and the stop filter still hold."""
+        tail = self.detokenizer.flush() if self.detokenizer else ""
+        text, stopped = self.stops.feed(tail)
+        return (text, True) if stopped else (text + self.stops.flush(), False)
+
+    def _emit(self, tok: int, from_draft: bool) -> GenerationStep:
+        self.generated += 1
+        stats, stops = self.stats, self.stops
+        stats.generation_tokens = self.generated
+        finish = matched = None
+        if tok in self.stop_ids:  # a stop id / EOS: its own text is never emitted
+            text, stopped = self._drain()
+            finish, matched = "stop", (stops.matched if stopped else tok)
+        else:
+            text, stopped = stops.feed(self.detokenizer.add(tok) if self.detokenizer else "")
+            if stopped:
+                finish, matched = "stop", stops.matched
+            elif self.generated >= self.budget:
+                more, stopped = self._drain()
+                text += more
+                finish, matched = ("stop", stops.matched) if stopped else ("length", None)
+        stats.generation_time_s = time.perf_counter() - self._t_first
+        if finish is not None:
+            stats.peak_memory_bytes = peak_memory_bytes(self.session)
+            self.finished = True
+        return GenerationStep(tok, text, from_draft, finish, stats, matched)
+
+
 def generate_steps(
     session: Any,
     prompt_ids: list[int],
@@ -60,88 +192,11 @@ def generate_steps(
     rng: Any = None,
 ) -> Iterator[GenerationStep]:
     """Run one generation on `session`, yielding every emitted token as a GenerationStep."""
-    params.validate()
-    if not isinstance(depth, int) or depth < 0:
-        raise ValueError(f"depth must be an integer >= 0, got {depth!r}")
-    prompt_ids = [int(t) for t in prompt_ids]
-    max_context = getattr(session, "max_context", None)
-    check_prompt(prompt_ids, max_context)
-    if params.stop and detokenizer is None:
-        raise ValueError("stop strings need a detokenizer (load the model with its tokenizer)")
-
-    stops = StopStrings(params.stop)
-    stop_ids = stop_token_set(eos_token_ids, params.stop_token_ids, params.ignore_eos)
-    budget = params.max_tokens
-    if max_context is not None:
-        budget = min(budget, max_context - len(prompt_ids))
-    stats = GenerationStats(depth=depth, prompt_tokens=len(prompt_ids))
-    if rng is None:
-        rng = session.make_rng(params.seed)
-    clock = time.perf_counter
-
-    t0 = clock()
-    session.prefill(prompt_ids)
-    stats.cached_tokens = int(getattr(session, "cached_tokens", 0))
-    stats.cache_write_tokens = int(getattr(session, "stored_tokens", 0))
-    first = session.sample_first(params, rng)
-    t_first = clock()
-    stats.prompt_time_s = t_first - t0
-    generated = 0
-
-    def drain() -> tuple[str, bool]:
-        """End of text: release what the detokenizer and the stop filter still hold."""
-        tail = detokenizer.flush() if detokenizer else ""
-        text, stopped = stops.feed(tail)
-        return (text, True) if stopped else (text + stops.flush(), False)
-
-    def emit(tok: int, from_draft: bool) -> GenerationStep:
-        nonlocal generated
-        generated += 1
-        stats.generation_tokens = generated
-        finish = matched = None
-        if tok in stop_ids:  # a stop id / EOS: its own text is never emitted
-            text, stopped = drain()
-            finish, matched = "stop", (stops.matched if stopped else tok)
-        else:
-            text, stopped = stops.feed(detokenizer.add(tok) if detokenizer else "")
-            if stopped:
-                finish, matched = "stop", stops.matched
-            elif generated >= budget:
-                more, stopped = drain()
-                text += more
-                finish, matched = ("stop", stops.matched) if stopped else ("length", None)
-        stats.generation_time_s = clock() - t_first
-        if finish is not None:
-            stats.peak_memory_bytes = peak_memory_bytes(session)
-        return GenerationStep(tok, text, from_draft, finish, stats, matched)
-
-    step = emit(int(first), False)
-    yield step
-    if step.finish_reason is not None:
-        return
-    while True:
-        d = min(depth, budget - generated - 1)  # never decide more than may be emitted
-        t = clock()
-        if d > 0:
-            drafted, q = session.draft(d, params, rng)
-            drafted = [int(x) for x in drafted]
-        else:
-            drafted, q = [], None
-        t_draft = clock()
-        rows = session.verify(drafted)
-        t_verify = clock()
-        n, nxt = session.accept(rows, drafted, q, params, rng)
-        n, nxt = int(n), int(nxt)
-        t_accept = clock()
-        stats.draft_time_s += t_draft - t
-        stats.verify_time_s += t_verify - t_draft
-        stats.accept_time_s += t_accept - t_verify
-        stats.record_cycle(len(drafted), n)
-        for i, tok in enumerate(drafted[:n] + [nxt]):
-            step = emit(tok, i < n)
-            yield step
-            if step.finish_reason is not None:
-                return
-        t = clock()
-        session.commit(n, nxt)
-        stats.commit_time_s += clock() - t
+    g = Generation(session, prompt_ids, params, depth, eos_token_ids=eos_token_ids,
+                   detokenizer=detokenizer, rng=rng)
+    while not g.prefill_block():
+        pass
+    yield g.start()
+    while not g.finished:
+        rows = session.verify(g.draft())
+        yield from g.finish_cycle(rows)

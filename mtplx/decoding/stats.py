@@ -61,6 +61,7 @@ class GenerationStats:
     peak_memory_bytes: int = 0
     cached_tokens: int = 0  # prompt tokens restored from the prefix cache (not prefilled)
     cache_write_tokens: int = 0  # prompt tokens this request added to the prefix cache
+    batch_size_sum: int = 0  # sum over cycles of the sequences in that cycle's verify forward
 
     def __post_init__(self) -> None:
         if len(self.drafted) < self.depth:
@@ -129,6 +130,7 @@ class GenerationStats:
             "prompt_tps": self.prompt_tps,
             "cached_tokens": self.cached_tokens,
             "cache_write_tokens": self.cache_write_tokens,
+            "batch_size_mean": self.batch_size_sum / self.verify_passes if self.verify_passes else 0.0,
             "generation_tps": self.generation_tps,
             "drafted": list(self.drafted),
             "accepted": list(self.accepted),

@@ -197,6 +197,7 @@ def create_app(model: ModelAdapter, *, depth: int = 0, max_queue: int = 16, para
     """Build the app. The engine worker starts with the app (lifespan) and stops with it."""
     engine = Engine(model, depth=depth, max_queue=max_queue, parallel=parallel)
     metrics = Metrics(engine)
+    engine.on_step = metrics.record_step
     engine.on_finish = lambda job, outcome: metrics.record_generation(
         job.stats, outcome, time.perf_counter() - job.enqueued_at)
     aliases = ([model_id] if isinstance(model_id, str) else list(model_id or [])) or [model.model_id]

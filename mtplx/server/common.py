@@ -191,6 +191,8 @@ def timings(stats: GenStats) -> dict:
         "draft_n_by_depth": drafted,
         "draft_n_accepted_by_depth": accepted,
         "acceptance_by_depth": [round(a / d, 4) if d else 0.0 for d, a in zip(drafted, accepted)],
+        "depth_mean": round(stats.draft_n / stats.cycles, 4) if stats.cycles else 0.0,  # drafts per cycle
+        "batch_size_mean": round(stats.batch_size_sum / stats.cycles, 3) if stats.cycles else 1.0,
     }
 
 

@@ -1,10 +1,14 @@
 """The server's narrow view of the model: a `ModelAdapter`, and the `Engine` that owns it.
 
 The Engine owns one model, a bounded FIFO of waiting requests and ONE worker thread. Only the
-worker thread ever touches the model or a session. With `parallel > 1` it interleaves up to
-`parallel` active generations, one `next()` (one decoding cycle) each in turn; every
-generation owns its own session, so caches never mix and no two threads are ever inside one
-session. A cancelled job (client gone) is closed at its next turn, which frees its session.
+worker thread ever touches the model or a session. Up to `parallel` generations are active at
+once, each with its own session (caches never mix):
+- batched (an adapter with `new_generation`, the real model): a `BatchRunner` steps them
+  together - one prefill block of a newcomer, then one cycle of every running generation with
+  all their verify rows in one forward (mtplx/decoding/batch.py); each output stays the one it
+  would be alone;
+- interleaved (any other adapter, e.g. the fake): one `next()` (one cycle) of each in turn.
+A cancelled job (client gone) leaves at the next step, which frees its session.
 
 Results reach the asyncio side through a per-job `asyncio.Queue` fed with
 `loop.call_soon_threadsafe`.
@@ -32,6 +36,7 @@ class GenStats:
     prompt_tokens: int = 0
     cached_tokens: int = 0  # of prompt_tokens, restored from the prefix cache
     cache_write_tokens: int = 0  # of prompt_tokens, added to the prefix cache
+    batch_size_sum: int = 0  # over cycles: the requests sharing that cycle's forward
     generated_tokens: int = 0
     prompt_s: float = 0.0  # prefill + first token
     decode_s: float = 0.0  # everything after the first token
@@ -77,6 +82,9 @@ class ModelAdapter(Protocol):
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, depth: int) -> Iterator[GenStep]:
         """Generate; the last step carries finish_reason. Runs only in the worker thread."""
+
+    # Optional, for batching (MtplxModelAdapter): new_generation(prompt_ids, params, depth) ->
+    # mtplx.decoding.loop.Generation, and gen_step(GenerationStep) -> GenStep.
 
 
 class QueueFull(Exception):
@@ -154,6 +162,12 @@ class Engine:
         self.max_queue = max_queue
         self.parallel = max(1, parallel)
         self.on_finish = on_finish
+        self.on_step: Callable[[Any], None] | None = None  # BatchRunner StepReport per batched step
+        self.runner = None
+        if hasattr(model, "new_generation"):
+            from mtplx.decoding.batch import BatchRunner
+
+            self.runner = BatchRunner(max_batch=self.parallel)
         self._waiting: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []
         self._cond = threading.Condition()
@@ -220,13 +234,20 @@ class Engine:
                         continue
                     self._active.append(job)
                 active = list(self._active)
-            for job in active:
-                self._turn(job)
+            if self.runner is not None:
+                self._batched_step(active)
+            else:
+                for job in active:
+                    self._turn(job)
             with self._cond:
                 self._active = [j for j in self._active if not j.finished]
 
     def _finish(self, job: Job, ev: Any, outcome: str) -> None:
         job.finished = True
+        if self.runner is not None:
+            if job.gen is not None:  # only the worker thread admits jobs: a waiting one has none
+                self.runner.remove(job.id)
+            job.gen = None  # a Generation: dropping it frees its session
         if job.gen is not None:
             try:
                 job.gen.close()  # frees the session in this thread
@@ -238,6 +259,48 @@ class Engine:
                 self.on_finish(job, outcome)
             except Exception:  # pragma: no cover
                 log.exception("on_finish hook")
+
+    def _batched_step(self, active: list[Job]) -> None:
+        runner, by_id = self.runner, {}
+        for job in active:
+            by_id[job.id] = job
+            if job.cancelled.is_set():
+                runner.remove(job.id)
+                self._finish(job, DoneEvent("cancelled", None, job.stats), "cancelled")
+            elif job.gen is None:  # newly admitted: its Generation joins the batch
+                try:
+                    job.gen = self.model.new_generation(job.prompt_ids, job.params, self.depth)
+                except Exception as e:  # noqa: BLE001 - a request the model refuses: its own error
+                    log.exception("generation %d could not start", job.id)
+                    self._finish(job, ErrorEvent(f"generation failed: {type(e).__name__}"), "error")
+                    continue
+                runner.add(job.id, job.gen)
+        if not len(runner):
+            return
+        try:
+            steps = runner.step()
+        except Exception as e:  # the model failed: every job of the batch gets the error, serving goes on
+            log.exception("batched step failed")
+            for job in active:
+                if not job.finished:
+                    runner.remove(job.id)
+                    self._finish(job, ErrorEvent(f"generation failed: {type(e).__name__}"), "error")
+            return
+        if self.on_step is not None:
+            try:
+                self.on_step(runner.last)
+            except Exception:  # pragma: no cover
+                log.exception("on_step hook")
+        for jid, st in steps:
+            job = by_id[jid]
+            if job.finished:
+                continue
+            step = self.model.gen_step(st)
+            job.stats = step.stats
+            if step.text or step.token_ids:
+                job._push(StepEvent(step))
+            if step.finish_reason is not None:
+                self._finish(job, DoneEvent(step.finish_reason, step.stop_sequence, job.stats), step.finish_reason)
 
     def _turn(self, job: Job) -> None:
         if job.cancelled.is_set():

@@ -80,6 +80,15 @@ class Metrics:
         self.tool_parse_failures = Counter("mtplx_tool_call_parse_failures",
                                            "Generated tool calls that could not be parsed (returned as text or "
                                            "closed incomplete), by reason", ["reason"], registry=r)
+        self.batch_size = Histogram("mtplx_batch_size", "Requests sharing one verify forward, per engine step",
+                                    registry=r, buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
+        self.draft_depth = Histogram("mtplx_draft_depth_used", "Drafts per request in an engine step (the depth "
+                                     "used, after the load's cap)", registry=r, buckets=(0, 0.5, 1, 1.5, 2, 2.5, 3, 4, 6))
+        self.depth_capped = Counter("mtplx_depth_capped_steps", "Engine steps whose greedy requests drafted less "
+                                    "than asked because the measured costs said so", registry=r)
+        self.prefill_blocks = Histogram("mtplx_prefill_step_tokens", "Prompt tokens prefilled in one engine step "
+                                        "(one block; running streams wait for it)", registry=r,
+                                        buckets=(16, 64, 128, 256, 512, 1024, 2048))
         self._drafted_tot: dict[int, int] = {}
         self._accepted_tot: dict[int, int] = {}
         self._engine = engine_ref
@@ -115,6 +124,16 @@ class Metrics:
             self._drafted_tot[k] = self._drafted_tot.get(k, 0) + d
             self._accepted_tot[k] = self._accepted_tot.get(k, 0) + a
             self.acceptance.labels(depth=str(k)).set(self._accepted_tot[k] / self._drafted_tot[k])
+
+    def record_step(self, report) -> None:
+        """A batched engine step (mtplx.decoding.batch.StepReport), from the engine thread."""
+        if report.batch:
+            self.batch_size.observe(report.batch)
+            self.draft_depth.observe((report.rows - report.batch) / report.batch)
+            if report.depth_cap is not None:
+                self.depth_capped.inc()
+        if report.prefill_tokens:
+            self.prefill_blocks.observe(report.prefill_tokens)
 
     def record_tool_calls(self, n_calls: int, failures: list[str]) -> None:
         self.tool_calls.inc(n_calls)

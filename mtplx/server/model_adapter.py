@@ -16,7 +16,8 @@ class PromptError(ValueError):
 
 def _stats(s) -> GenStats:  # mtplx.decoding.stats.GenerationStats -> GenStats
     return GenStats(prompt_tokens=s.prompt_tokens, cached_tokens=s.cached_tokens,
-                    cache_write_tokens=s.cache_write_tokens, generated_tokens=s.generation_tokens,
+                    cache_write_tokens=s.cache_write_tokens, batch_size_sum=s.batch_size_sum,
+                    generated_tokens=s.generation_tokens,
                     prompt_s=s.prompt_time_s, decode_s=s.generation_time_s, depth=s.depth,
                     cycles=s.verify_passes, drafted_by_depth=list(s.drafted), accepted_by_depth=list(s.accepted))
 
@@ -55,16 +56,32 @@ class MtplxModelAdapter:
         except Exception as e:
             raise PromptError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams, depth: int) -> Iterator[GenStep]:
-        from mtplx.api import stream_generate
+    def new_generation(self, prompt_ids: list[int], params: SamplingParams, depth: int):
+        """A Generation (mtplx/decoding/loop.py) on a fresh session, for the engine's batch runner."""
+        from mtplx.decoding.loop import Generation
 
         if self.draft_cutoff and not params.draft_cutoff:
             params = replace(params, draft_cutoff=self.draft_cutoff)
         session = self.model.new_session(max_context=self.max_context if self._cap_context else None,
                                          prefill_block=self.prefill_block)
-        for r in stream_generate(self.model, list(prompt_ids), params, depth, session=session):
-            yield GenStep(text=r.text, token_ids=[r.token], finish_reason=r.finish_reason,
-                          stop_sequence=r.stop if isinstance(r.stop, str) else None, stats=_stats(r.stats))
+        detok = self.tokenizer.detokenizer()
+        return Generation(session, list(prompt_ids), params, depth, eos_token_ids=self.model.eos_token_ids,
+                          detokenizer=detok)
+
+    @staticmethod
+    def gen_step(step) -> GenStep:  # mtplx.decoding.loop.GenerationStep -> GenStep
+        return GenStep(text=step.text, token_ids=[step.token_id], finish_reason=step.finish_reason,
+                       stop_sequence=step.stop if isinstance(step.stop, str) else None, stats=_stats(step.stats))
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, depth: int) -> Iterator[GenStep]:
+        """The same generation alone (a generator of GenSteps), for callers without a batch runner."""
+        g = self.new_generation(prompt_ids, params, depth)
+        while not g.prefill_block():
+            pass
+        yield self.gen_step(g.start())
+        while not g.finished:
+            for st in g.finish_cycle(g.session.verify(g.draft())):
+                yield self.gen_step(st)
 
 
 def load_adapter(path: str | None, backend: str | None = None, dtype: str | None = None, depth: int | None = None,

@@ -259,6 +259,27 @@ class Attention(nn.Module):
         o = o.transpose(1, 2).reshape(B, T, self.nh * self.hd)
         return self._out(o, gate, PLAIN)
 
+    def forward_many(self, x, rope, spans, caches):
+        """Parallel path over several sequences (batched drafting): x [sum T_i, H], sequence i's
+        rows at positions pos0_i.. against its own cache; projections on all rows at once."""
+        positions = torch.cat([torch.arange(p0, p0 + T, device=x.device) for p0, T in spans])
+        q, k, v, gate = self._project(x, rope, positions, PLAIN)
+        outs, r = [], 0
+        for (p0, T), cache in zip(spans, caches):
+            cache.write(p0, k[r:r + T], v[r:r + T])
+            K, V = cache.view(p0 + T)  # [nkv, S, hd]
+            qi = q[r:r + T].transpose(0, 1)[None]  # [1, nh, T, hd]
+            if T == 1:  # one query attends to every key: no mask
+                o = F.scaled_dot_product_attention(qi, K[None], V[None], scale=self.scale, enable_gqa=True)
+            else:
+                qpos = torch.arange(p0, p0 + T, device=x.device)
+                mask = torch.arange(p0 + T, device=x.device)[None, :] <= qpos[:, None]
+                o = F.scaled_dot_product_attention(qi, K[None], V[None], attn_mask=mask, scale=self.scale,
+                                                   enable_gqa=True)
+            outs.append(o[0].transpose(0, 1).reshape(T, self.nh * self.hd))
+            r += T
+        return self._out(torch.cat(outs), gate, PLAIN)
+
     def step(self, x, rope, pos0: int, cache, ops: Ops = EXACT):
         """Exact path. x [T, H] at positions pos0..pos0+T-1; row i attends to keys <= pos0+i."""
         return self.step_many(x, rope, [(pos0, x.shape[0])], [cache], ops)
@@ -443,38 +464,33 @@ class GatedDeltaNet(nn.Module):
 
     def step_many(self, x, lengths, caches, ops: Ops = EXACT):
         """Exact path over several sequences: x [sum T_i, H], T_i = lengths[i] rows of sequence i
-        with its own cache. Projections on all rows at once; the conv per sequence; the
-        recurrence of sequences with the same T_i runs stacked (one state update for all of them
-        per position: elementwise ops and per-matrix bmm, so each sequence's state gets the bits
-        it gets alone)."""
+        with its own cache. Projections on all rows at once; sequences with the same T_i run their
+        conv and recurrence stacked (elementwise ops and a per-matrix bmm: each sequence's rows
+        and states get the bits they get alone)."""
         mixed, z, beta, g = self._inputs(x, ops)
         if len(lengths) == 1:  # decode / verify of one sequence
             return self._out(self._one(mixed, q_k_v=None, beta=beta, g=g, cache=caches[0], ops=ops), z, x.dtype, ops)
         starts = [sum(lengths[:i]) for i in range(len(lengths))]
-        conv = []
-        for r, T, cache in zip(starts, lengths, caches):
-            xx = torch.cat([cache.conv.to(mixed.dtype), mixed[r:r + T]], dim=0)
-            conv.append(causal_conv(xx, self.conv_w.float().t(), T))
-        q, k, v = self._qkv(conv[0] if len(conv) == 1 else torch.cat(conv), ops)
-        decay = exact_ew(torch.exp, g)
         o = torch.empty(x.shape[0], self.nv, self.dv, dtype=torch.float32, device=x.device)
         groups: dict[int, list[int]] = {}
         for i, T in enumerate(lengths):
             groups.setdefault(T, []).append(i)
+        w_t = self.conv_w.float().t()
         for T, members in groups.items():
-            if len(members) == 1:
-                sel = (lambda t, a=starts[members[0]], T=T: t[a:a + T][None])
-            else:
-                rows = torch.cat([torch.arange(starts[i], starts[i] + T, device=x.device) for i in members])
-                sel = (lambda t, rows=rows, n=len(members), T=T: t[rows].reshape(n, T, *t.shape[1:]))
-            S = torch.stack([caches[i].state for i in members]) if len(members) > 1 else caches[members[0]].state[None]
             n, nv = len(members), self.nv
-            states = _recurrence(S, sel(q), sel(k), sel(v), sel(beta), sel(decay))  # T x [n*nv, dk, dv]
+            rows = torch.cat([torch.arange(starts[i], starts[i] + T, device=x.device) for i in members])
+            m_rows = mixed[rows].reshape(n, T, -1)  # [n, T, C]
+            prev = torch.stack([caches[i].conv for i in members]).to(mixed.dtype)  # [n, K-1, C]
+            conv = causal_conv(torch.cat([prev, m_rows], 1), w_t, T)  # [n, T, C]: elementwise, per sequence
+            q, k, v = self._qkv(conv.reshape(n * T, -1), ops)
+            q, k, v = (t.reshape(n, T, *t.shape[1:]) for t in (q, k, v))
+            S = torch.stack([caches[i].state for i in members])  # [n, nv, dk, dv]
+            states = _recurrence(S, q, k, v, beta[rows].reshape(n, T, nv),
+                                 exact_ew(torch.exp, g)[rows].reshape(n, T, nv))  # T x [n*nv, dk, dv]
             St = torch.stack(states).reshape(T, n, nv, self.dk, self.dv).transpose(0, 1)  # [n, T, nv, dk, dv]
-            out = torch.matmul(sel(q)[:, :, :, None, :], St)[:, :, :, 0]  # [n, T, nv, dv]
+            o[rows] = torch.matmul(q[:, :, :, None, :], St)[:, :, :, 0].reshape(n * T, nv, self.dv)
             for j, i in enumerate(members):
-                o[starts[i]:starts[i] + T] = out[j]
-                caches[i].record(mixed[starts[i]:starts[i] + T], [st[j * nv:(j + 1) * nv] for st in states])
+                caches[i].record(m_rows[j], [st[j * nv:(j + 1) * nv] for st in states])
         return self._out(o, z, x.dtype, ops)
 
     def _one(self, mixed, q_k_v, beta, g, cache, ops: Ops):
@@ -669,6 +685,11 @@ class DecoderLayer(nn.Module):
 
     def step(self, x, rope, pos0, cache, ops: Ops = EXACT):  # exact: x [T, H]
         return self.step_many(x, rope, [(pos0, x.shape[0])], [cache], ops)
+
+    def forward_many(self, x, rope, spans, caches, mlp_ops: Ops = PLAIN):  # parallel, attention only: x [N, H]
+        h = self.mixer.forward_many(rms_norm(x, self.input_norm, self.eps), rope, spans, caches)
+        x = x + h
+        return x + self.mlp(rms_norm(x, self.post_norm, self.eps), mlp_ops)
 
     def step_many(self, x, rope, spans, caches, ops: Ops = EXACT):  # exact: x [sum T_i, H]
         h = rms_norm(x, self.input_norm, self.eps)

@@ -114,4 +114,18 @@ class MtpHead(nn.Module):
         return g, u, (self._draft_logits(g[-1:]) if drafting else self.target.logits(g))
 
 
+    def rows_many(self, hidden: torch.Tensor, next_ids: torch.Tensor, spans, caches):
+        """Drafting rows of several sequences in one head forward (greedy drafting, where the
+        draft's bits do not decide any token): hidden [N, H], next_ids [N], sequence i's rows at
+        head positions spans[i] = (pos0_i, T_i) with its own cache. -> (g [N, H], u [N, H], the
+        draft logits of each sequence's last row [n_seq, V])."""
+        N = hidden.shape[0]
+        mlp_ops = FEW_ROWS if N <= FEW_ROWS_MAX else PLAIN
+        u = self._fc_in(hidden, next_ids)
+        u = self.layers[0].forward_many(u, self.target.rope, spans, caches, mlp_ops)
+        g = rms_norm(u, self.norm, self.eps)
+        last = torch.tensor([sum(T for _, T in spans[:i + 1]) - 1 for i in range(len(spans))], device=g.device)
+        return g, u, self._draft_logits(g[last])
+
+
 __all__ = ["MtpHead"]

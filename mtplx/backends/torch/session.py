@@ -39,6 +39,17 @@ class TorchSession(SessionBase):
     def _head_rows(self, hid, ids, head_pos: int):
         return self.model.mtp.rows(hid, ids, head_pos, self.head_cache, drafting=True)
 
+    @classmethod
+    def _head_rows_many(cls, items: list) -> list:
+        if len(items) == 1:
+            return super()._head_rows_many(items)
+        model = items[0][0].model
+        spans = [(pos, hid.shape[0]) for _, hid, _, pos in items]
+        g, u, logits = model.mtp.rows_many(torch.cat([h for _, h, _, _ in items]), torch.cat([x for _, _, x, _ in items]),
+                                           spans, [s.head_cache for s, *_ in items])
+        ends = [sum(T for _, T in spans[:i + 1]) for i in range(len(spans))]
+        return [(g[e - 1:e], u[e - 1:e], logits[i]) for i, e in enumerate(ends)]
+
     def _export_block(self, start: int, end: int) -> dict:
         parts = {}
         for i, c in enumerate(self.cache.layers):
@@ -94,5 +105,21 @@ def payload_nbytes(payload: dict) -> int:
 # every protocol call runs without autograd bookkeeping
 for _name in ("prefill", "sample_first", "draft", "verify", "accept", "commit"):
     setattr(TorchSession, _name, torch.inference_mode()(getattr(SessionBase, _name)))
+TorchSession.verify_many = classmethod(torch.inference_mode()(SessionBase.verify_many.__func__))
+TorchSession.draft_many = classmethod(torch.inference_mode()(SessionBase.draft_many.__func__))
+
+
+def _prefill_blocks(self, prompt_ids):
+    blocks = SessionBase.prefill_blocks(self, prompt_ids)
+    while True:  # inference mode around each block only: never left on across a yield
+        with torch.inference_mode():
+            try:
+                end = next(blocks)
+            except StopIteration:
+                return
+        yield end
+
+
+TorchSession.prefill_blocks = _prefill_blocks
 
 __all__ = ["TorchSession", "payload_nbytes", "packed_copy"]
