@@ -143,9 +143,7 @@ def test_depth_policy_caps_only_greedy_and_keeps_tokens():
     m = our_model("moe", torch.float32)
     reqs = _requests(m, 6, seed=7)
     alone = [_alone(m, q, 256) for q in reqs]
-    policy = DepthPolicy(explore=5)
-    policy.verify_s = {r: 0.001 * r for r in range(1, 40)}  # rows cost a lot: the cap goes down
-    policy.draft_s = 0.01
+    policy = DepthPolicy(trials=1, explore=3)  # tries every cap in turn
     runner = BatchRunner(max_batch=6, policy=policy)
     for i, (prompt, params, depth) in enumerate(reqs):
         runner.add(i, Generation(m.new_session(), prompt, params, depth))
@@ -156,7 +154,12 @@ def test_depth_policy_caps_only_greedy_and_keeps_tokens():
             out[k].append(st.token_id)
         caps.add(runner.last.depth_cap)
     assert [out[i] for i in range(len(reqs))] == alone
-    assert 0 in caps  # the policy did cap the greedy requests at some step
+    assert 0 in caps and 1 in caps  # the greedy requests were capped at some steps
+    assert DepthPolicy().choose(runner_gens_alone(m)) is None  # one generation alone: never capped
+
+
+def runner_gens_alone(m):
+    return [Generation(m.new_session(), [1, 2, 3], SamplingParams(), 3)]
 
 
 def test_engine_batched_equals_one_at_a_time(tmp_path):

@@ -15,9 +15,9 @@ calls it would see alone, so its tokens are the same whatever else is in the bat
 arrived.
 
 Depth under load (`DepthPolicy`): a greedy request's tokens do not depend on its depth, so for
-greedy generations the runner may draft less than asked when the measured costs say the batch
-decides more tokens per second that way; sampled requests always keep their own depth (their
-tokens do depend on it).
+greedy generations the runner may draft less than asked when the batch, measured, decides more
+tokens per second that way; sampled requests always keep their own depth (their tokens do
+depend on it), and a generation alone always keeps its depth.
 """
 
 from __future__ import annotations
@@ -32,70 +32,43 @@ from .loop import Generation, GenerationStep
 
 @dataclass
 class DepthPolicy:
-    """Chooses the greedy generations' depth each step from measured costs: verify seconds as a
-    function of the rows in the forward (running means per row count, linear in between), draft
-    seconds per drafted token, and each generation's own acceptance by depth. Picks the depth
-    that maximizes decided tokens per second over the whole batch, never below 0 (plain
-    decoding), re-trying the requested depth every `explore` steps so acceptance keeps being
-    measured."""
+    """Chooses the greedy generations' depth cap each step from measured throughput: for each
+    batch size class (2, 3-4, 5-8, 9-16, ...) and cap (None = the requested depths, then
+    D-1 .. 0), a running mean of the tokens the step decided per second. Every cap is tried `trials` steps first, then the best is used,
+    with another one re-measured every `explore` steps (costs drift as contexts grow). One
+    generation alone is never capped: its depth is the one asked for (or tuned)."""
 
-    explore: int = 16
-    alpha: float = 0.2
-    verify_s: dict = field(default_factory=dict)  # rows -> running mean seconds
-    draft_s: float | None = None  # seconds per drafted token (per sequence)
+    trials: int = 3
+    explore: int = 25
+    alpha: float = 0.3
+    rate: dict = field(default_factory=dict)  # (batch size, cap) -> running tokens / s
+    seen: dict = field(default_factory=dict)  # (batch size, cap) -> steps measured
     steps: int = 0
 
-    def observe(self, rows: int, verify_s: float, drafted: int, draft_s: float) -> None:
-        old = self.verify_s.get(rows)
-        self.verify_s[rows] = verify_s if old is None else old + self.alpha * (verify_s - old)
-        if drafted:
-            per = draft_s / drafted
-            self.draft_s = per if self.draft_s is None else self.draft_s + self.alpha * (per - self.draft_s)
-
-    def _verify_cost(self, rows: int) -> float | None:
-        known = sorted(self.verify_s)
-        if not known:
-            return None
-        if rows in self.verify_s:
-            return self.verify_s[rows]
-        lo = [r for r in known if r < rows]
-        hi = [r for r in known if r > rows]
-        if lo and hi:
-            a, b = lo[-1], hi[0]
-            return self.verify_s[a] + (self.verify_s[b] - self.verify_s[a]) * (rows - a) / (b - a)
-        if len(known) == 1:
-            return self.verify_s[known[0]] * max(rows, 1) / max(known[0], 1) if not lo else self.verify_s[known[0]]
-        a, b = (known[-2], known[-1]) if lo else (known[0], known[1])
-        slope = max((self.verify_s[b] - self.verify_s[a]) / (b - a), 0.0)
-        return max(self.verify_s[a] + slope * (rows - a), 0.0)
-
     def choose(self, gens: list[Generation]) -> int | None:
-        """The depth cap for the greedy generations of this step (None: no cap)."""
         self.steps += 1
-        greedy = [g for g in gens if g.params.greedy and g.depth > 0]
-        if not greedy or self.draft_s is None or self.steps % self.explore == 0:
+        greedy_depth = max((g.depth for g in gens if g.params.greedy), default=0)
+        if len(gens) < 2 or greedy_depth == 0:
             return None
-        fixed_rows = sum(1 + g.depth for g in gens if g not in greedy)
-        fixed_tokens = sum(1 + _expected_accepted(g, g.depth) for g in gens if g not in greedy)
-        best, best_rate = None, -1.0
-        for d in range(max(g.depth for g in greedy) + 1):
-            rows = fixed_rows + sum(1 + min(d, g.depth) for g in greedy)
-            cost = self._verify_cost(rows)
-            if cost is None:
-                return None
-            cost += self.draft_s * sum(min(d, g.depth) for g in greedy)
-            tokens = fixed_tokens + sum(1 + _expected_accepted(g, min(d, g.depth)) for g in greedy)
-            rate = tokens / cost if cost > 0 else 0.0
-            if rate > best_rate * 1.02:  # a deeper draft must win clearly
-                best, best_rate = d, rate
+        n = len(gens).bit_length() - (len(gens) & (len(gens) - 1) == 0)  # 2 -> 1, 3-4 -> 2, 5-8 -> 3
+        caps = [None] + list(range(greedy_depth - 1, -1, -1))
+        for cap in caps:
+            if self.seen.get((n, cap), 0) < self.trials:
+                return cap
+        best = max(caps, key=lambda c: self.rate[(n, c)])
+        if self.steps % self.explore == 0:
+            others = [c for c in caps if c != best]
+            return others[(self.steps // self.explore) % len(others)]
         return best
 
-
-def _expected_accepted(g: Generation, d: int) -> float:
-    """Expected accepted drafts per cycle at depth d from the generation's measured acceptance
-    (accepted[k] / drafted[k] is the share of cycles whose first k+1 drafts were all accepted)."""
-    acc = g.stats.acceptance
-    return sum(acc[k] if k < len(acc) and g.stats.drafted[k] else 0.5 ** (k + 1) for k in range(d))
+    def observe(self, batch: int, cap: int | None, tokens: int, seconds: float) -> None:
+        if batch < 2 or seconds <= 0:
+            return
+        n = batch.bit_length() - (batch & (batch - 1) == 0)
+        key, r = (n, cap), tokens / seconds
+        old = self.rate.get(key)
+        self.rate[key] = r if old is None else old + self.alpha * (r - old)
+        self.seen[key] = self.seen.get(key, 0) + 1
 
 
 @dataclass
@@ -159,14 +132,16 @@ class BatchRunner:
             rows = verify([g.session for g in gens], drafted)
             t2 = time.perf_counter()
             n_rows = sum(len(d) + 1 for d in drafted)
-            self.policy.observe(n_rows, t2 - t1, sum(len(d) for d in drafted), t1 - t0)
             report.batch, report.rows, report.depth_cap, report.verify_s = len(gens), n_rows, cap, t2 - t1
+            decided = 0
             for key, g, r in zip(keys, gens, rows):
                 g.stats.batch_size_sum += len(gens)
                 for st in g.finish_cycle(r):
                     out.append((key, st))
+                    decided += 1
                 if g.finished:
                     del self.running[key]
+            self.policy.observe(len(gens), cap, decided, time.perf_counter() - t0)
         self.last = report
         return out
 

@@ -1,6 +1,6 @@
 """`mtplx serve`: an OpenAI- and Anthropic-compatible HTTP server (FastAPI + uvicorn).
 
-    mtplx serve --model DIR [--depth D] [--port 8080] [--parallel 4] [--api-key KEY]
+    mtplx serve --model DIR [--depth D] [--port 8080] [--max-batch 8] [--api-key KEY]
 
 Endpoints
     POST /v1/chat/completions, /v1/completions      OpenAI (stream or not; n=1)
@@ -18,8 +18,9 @@ put it in the chunk with finish_reason (OpenAI; also the usage chunk) or in mess
 Modules
     app.py              create_app(): routes, error handlers, GuardMiddleware (API key, body
                         limit, request metrics), OpenAPI document, engine lifecycle
-    engine.py           Engine: one model, a bounded FIFO, one worker thread; `parallel`
-                        generations interleaved one step each (each with its own session)
+    engine.py           Engine: one model, a bounded FIFO, one worker thread; up to `parallel`
+                        (--max-batch) generations batched in one verify forward per step
+                        (mtplx.decoding.batch), each with its own session
     openai_routes.py    OpenAI routes        anthropic_routes.py   Anthropic routes
     responses_routes.py the Responses API (Codex)
     chat.py             the one generation path of every chat API: Conversation -> prompt (mtplx.chat)
