@@ -476,7 +476,13 @@ class GatedDeltaNet(nn.Module):
         for i, T in enumerate(lengths):
             groups.setdefault(T, []).append(i)
         w_t = self.conv_w.float().t()
+        big = self.nv * self.dk * self.dv >= STACK_STATE_MAX
         for T, members in groups.items():
+            if big or len(members) == 1:  # stacking would copy more than the ops it saves
+                for i in members:
+                    a = starts[i]
+                    o[a:a + T] = self._one(mixed[a:a + T], None, beta[a:a + T], g[a:a + T], caches[i], ops)
+                continue
             n, nv = len(members), self.nv
             rows = torch.cat([torch.arange(starts[i], starts[i] + T, device=x.device) for i in members])
             m_rows = mixed[rows].reshape(n, T, -1)  # [n, T, C]
@@ -487,7 +493,7 @@ class GatedDeltaNet(nn.Module):
             S = torch.stack([caches[i].state for i in members])  # [n, nv, dk, dv]
             states = _recurrence(S, q, k, v, beta[rows].reshape(n, T, nv),
                                  exact_ew(torch.exp, g)[rows].reshape(n, T, nv))  # T x [n*nv, dk, dv]
-            St = torch.stack(states).reshape(T, n, nv, self.dk, self.dv).transpose(0, 1)  # [n, T, nv, dk, dv]
+            St = (torch.stack(states) if T > 1 else states[0][None]).reshape(T, n, nv, self.dk, self.dv).transpose(0, 1)
             o[rows] = torch.matmul(q[:, :, :, None, :], St)[:, :, :, 0].reshape(n * T, nv, self.dv)
             for j, i in enumerate(members):
                 caches[i].record(m_rows[j], [st[j * nv:(j + 1) * nv] for st in states])
@@ -503,6 +509,13 @@ class GatedDeltaNet(nn.Module):
         o = torch.matmul(q[:, :, None, :], St)[:, :, 0]  # [T, nv, dv]
         cache.record(mixed, states)
         return o
+
+
+# Sequences whose GatedDeltaNet state (nv * dk * dv fp32 values) is at least this big run their
+# recurrence one by one in a batched step: stacking n states copies n x 4 bytes x this per layer
+# (a Qwen3.5-0.8B layer: 1 MB per sequence), more than the per-sequence ops cost; smaller states
+# (the default model's 16 KB) are stacked into one update per position.
+STACK_STATE_MAX = 1 << 16
 
 
 def _recurrence(S, q, k, v, beta, decay):
