@@ -217,3 +217,43 @@ def test_python_api_batch_generate_equals_one_by_one():
     assert max(r.stats.batch_size_sum / max(r.stats.verify_passes, 1) for r in batched) > 1
     with pytest.raises(ValueError, match="one per prompt"):
         mtplx.generate(model, prompts, params[:2])
+
+
+def test_engine_cancel_mid_batch_frees_the_slot_and_others_are_unchanged(tmp_path):
+    import asyncio
+
+    from mtplx.server.engine import DoneEvent, Engine, StepEvent
+    from mtplx.server.model_adapter import load_adapter, write_test_checkpoint
+
+    adapter, _ = load_adapter(str(write_test_checkpoint(tmp_path)), depth=2, dtype="float32",
+                              prefix_cache={"gb": 0})
+    r = random.Random(9)
+    reqs = [(_fill_ids(r, adapter.vocab_size, 20 + i), SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+            for i in range(4)]
+
+    async def run(engine, cancel_at):
+        engine.start()
+
+        async def one(i, ids, params):
+            job = engine.submit(ids, params)
+            toks, n = [], 0
+            while True:
+                ev = await job.events.get()
+                if isinstance(ev, StepEvent):
+                    toks += ev.step.token_ids
+                    n += 1
+                    if i == 0 and cancel_at and n == cancel_at:
+                        job.cancel()
+                elif isinstance(ev, DoneEvent):
+                    return toks, ev.finish_reason
+        try:
+            return await asyncio.gather(*[one(i, ids, p) for i, (ids, p) in enumerate(reqs)])
+        finally:
+            engine.shutdown()
+
+    alone = asyncio.run(run(Engine(adapter, depth=2, parallel=1, max_queue=8), None))
+    engine = Engine(adapter, depth=2, parallel=4, max_queue=8)
+    got = asyncio.run(run(engine, 3))
+    assert got[0][1] == "cancelled" and got[0][0] == alone[0][0][:len(got[0][0])]
+    assert got[1:] == alone[1:]
+    assert len(engine.runner) == 0  # every slot freed
