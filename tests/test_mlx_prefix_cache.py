@@ -50,3 +50,22 @@ def test_mlx_disk_tier_round_trip(tmp_path):
     restarted = model.enable_prefix_cache(gb=0.1, block=8, cache_dir=tmp_path / "pc")
     toks, s = _run(model.model, ids, params, 2, restarted, 8)
     assert toks == ref and s.cached_tokens == 48 and restarted.counters.disk_hit_tokens == 48
+
+
+def test_mlx_batch_runner_equals_alone():
+    """MLX sessions in the batch runner (each verifies on its own: MLX has no step_many yet)."""
+    from mtplx.decoding.batch import BatchRunner
+    from mtplx.decoding.loop import Generation
+
+    m = mlx_model("moe")
+    reqs = [([3, 5, 7, 9, 11][: 2 + i], SamplingParams(max_tokens=6, temperature=0.8 * (i % 2), seed=i), i % 3)
+            for i in range(4)]
+    alone = [_run(m, p, params, d, None, 8)[0] for p, params, d in reqs]
+    runner = BatchRunner(max_batch=4)
+    for i, (p, params, d) in enumerate(reqs):
+        runner.add(i, Generation(m.new_session(), p, params, d))
+    out = {i: [] for i in range(4)}
+    while len(runner):
+        for k, st in runner.step():
+            out[k].append(st.token_id)
+    assert [out[i] for i in range(4)] == alone

@@ -34,41 +34,50 @@ from .loop import Generation, GenerationStep
 class DepthPolicy:
     """Chooses the greedy generations' depth cap each step from measured throughput: for each
     batch size class (2, 3-4, 5-8, 9-16, ...) and cap (None = the requested depths, then
-    D-1 .. 0), a running mean of the tokens the step decided per second. Every cap is tried `trials` steps first, then the best is used,
-    with another one re-measured every `explore` steps (costs drift as contexts grow). One
-    generation alone is never capped: its depth is the one asked for (or tuned)."""
+    D-1 .. 0), the tokens decided per second over its last `window` steps. The caps are tried in
+    turn (round robin, so all see the same phase of the generations) until each has `trials`
+    steps; then the best is used, and every `explore` steps the caps are all measured again in
+    turn. A cap must beat the requested depths by `margin` to replace them. One generation alone
+    is never capped: its depth is the one asked for (or tuned)."""
 
-    trials: int = 3
-    explore: int = 25
-    alpha: float = 0.3
-    rate: dict = field(default_factory=dict)  # (batch size, cap) -> running tokens / s
-    seen: dict = field(default_factory=dict)  # (batch size, cap) -> steps measured
+    trials: int = 8
+    explore: int = 30
+    window: int = 24
+    margin: float = 0.1  # one step's decided tokens vary a lot (acceptance): small wins are noise
+    history: dict = field(default_factory=dict)  # (class, cap) -> [(tokens, seconds)] last `window`
     steps: int = 0
+
+    @staticmethod
+    def _class(n: int) -> int:
+        return n.bit_length() - (n & (n - 1) == 0)  # 2 -> 1, 3-4 -> 2, 5-8 -> 3, ...
+
+    def rate(self, n: int, cap: int | None) -> float:
+        h = self.history.get((self._class(n), cap), [])
+        sec = sum(t for _, t in h)
+        return sum(k for k, _ in h) / sec if sec > 0 else 0.0
 
     def choose(self, gens: list[Generation]) -> int | None:
         self.steps += 1
         greedy_depth = max((g.depth for g in gens if g.params.greedy), default=0)
-        if len(gens) < 2 or greedy_depth == 0:
+        n = len(gens)
+        if n < 2 or greedy_depth == 0:
             return None
-        n = len(gens).bit_length() - (len(gens) & (len(gens) - 1) == 0)  # 2 -> 1, 3-4 -> 2, 5-8 -> 3
         caps = [None] + list(range(greedy_depth - 1, -1, -1))
-        for cap in caps:
-            if self.seen.get((n, cap), 0) < self.trials:
-                return cap
-        best = max(caps, key=lambda c: self.rate[(n, c)])
-        if self.steps % self.explore == 0:
-            others = [c for c in caps if c != best]
-            return others[(self.steps // self.explore) % len(others)]
-        return best
+        c = self._class(n)
+        if min(len(self.history.get((c, cap), [])) for cap in caps) < self.trials:
+            return caps[self.steps % len(caps)]
+        phase = self.steps % self.explore
+        if phase < len(caps):  # re-measure every cap once, in turn
+            return caps[phase]
+        best = max(caps[1:], key=lambda cap: self.rate(n, cap))
+        return best if self.rate(n, best) > self.rate(n, None) * (1 + self.margin) else None
 
-    def observe(self, batch: int, cap: int | None, tokens: int, seconds: float) -> None:
-        if batch < 2 or seconds <= 0:
+    def observe(self, n: int, cap: int | None, tokens: int, seconds: float) -> None:
+        if n < 2 or seconds <= 0:
             return
-        n = batch.bit_length() - (batch & (batch - 1) == 0)
-        key, r = (n, cap), tokens / seconds
-        old = self.rate.get(key)
-        self.rate[key] = r if old is None else old + self.alpha * (r - old)
-        self.seen[key] = self.seen.get(key, 0) + 1
+        h = self.history.setdefault((self._class(n), cap), [])
+        h.append((tokens, seconds))
+        del h[:-self.window]
 
 
 @dataclass

@@ -78,7 +78,10 @@ class GdnCache:
             return
         if m > 0:
             K1 = self.conv.shape[0]
-            self.conv = torch.cat([self.conv, self._rows[:m].to(self.conv.dtype)])[-K1:].clone()
+            if m >= K1:  # the kept rows alone fill the conv window
+                self.conv = self._rows[m - K1:m].to(self.conv.dtype).clone()
+            else:
+                self.conv = torch.cat([self.conv, self._rows[:m].to(self.conv.dtype)])[-K1:].clone()
             self.state = self._states[m - 1]
         self._rows, self._states = None, []
 
