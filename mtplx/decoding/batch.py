@@ -5,8 +5,9 @@
     for key, step in runner.step(): ...         # one engine step: GenerationSteps as decided
     runner.remove(key)                          # a cancelled request leaves at once
 
-One step = at most one prefill block of one waiting generation (so a long prompt delays the
-running streams by one block's time per step, never by its whole prefill), then one cycle of
+One step = about one prefill block of tokens of the waiting generations, first come first
+served (one block of a long prompt, or several short prompts whole), so a long prompt delays the
+running streams by one block's time per step, never by its whole prefill; then one cycle of
 every running generation: each drafts with its own session (MTP head, rng; greedy ones share batched
 head forwards, since their drafts decide no token), all their rows [last, d1..dD] go through ONE
 target forward (`verify_many`: row-invariant kernels, attention
@@ -120,17 +121,20 @@ class BatchRunner:
         """One engine step (see the module doc). Finished generations leave the runner."""
         out: list[tuple[Hashable, GenerationStep]] = []
         report = StepReport()
-        if self.prefilling:
-            key, gen = next(iter(self.prefilling.items()))
-            before = gen.session.pos if hasattr(gen.session, "pos") else 0
+        for key, gen in list(self.prefilling.items()):  # FIFO, about one block of tokens per step
+            budget = getattr(gen.session, "prefill_block", 256)
+            if report.prefill_tokens and report.prefill_tokens + len(gen.prompt_ids) - getattr(gen.session, "pos", 0) > budget:
+                break
+            before = getattr(gen.session, "pos", 0)
             done = gen.prefill_block()
-            report.prefill_tokens = getattr(gen.session, "pos", before) - before
+            report.prefill_tokens += max(getattr(gen.session, "pos", before) - before, 1)
             if done:
                 del self.prefilling[key]
-                first = gen.start()
-                out.append((key, first))
+                out.append((key, gen.start()))
                 if not gen.finished:
                     self.running[key] = gen
+            if not done or report.prefill_tokens >= budget:
+                break
         if self.running:
             keys, gens = list(self.running), list(self.running.values())
             cap = self.policy.choose(gens)

@@ -291,11 +291,18 @@ class Engine:
                 self.on_step(runner.last)
             except Exception:  # pragma: no cover
                 log.exception("on_step hook")
+        merged: dict[int, GenStep] = {}  # a job's tokens of this step reach its client as one event
         for jid, st in steps:
+            step = self.model.gen_step(st)
+            prev = merged.get(jid)
+            if prev is not None:
+                step = GenStep(prev.text + step.text, prev.token_ids + step.token_ids, step.finish_reason,
+                               step.stop_sequence, step.stats)
+            merged[jid] = step
+        for jid, step in merged.items():
             job = by_id[jid]
             if job.finished:
                 continue
-            step = self.model.gen_step(st)
             job.stats = step.stats
             if step.text or step.token_ids:
                 job._push(StepEvent(step))
