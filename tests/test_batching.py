@@ -257,3 +257,25 @@ def test_engine_cancel_mid_batch_frees_the_slot_and_others_are_unchanged(tmp_pat
     assert got[0][1] == "cancelled" and got[0][0] == alone[0][0][:len(got[0][0])]
     assert got[1:] == alone[1:]
     assert len(engine.runner) == 0  # every slot freed
+
+
+def test_batched_verify_on_more_threads_keeps_the_bits():
+    """set_batch_threads enables more threads only after measuring the same bits; with it on, a
+    batch's outputs still equal each request alone (decode at the base thread count)."""
+    m = our_model("moe", torch.float32)
+    reqs = _requests(m, 6, seed=11)
+    alone = [_alone(m, q, 256) for q in reqs]
+    try:
+        if m.set_batch_threads(2) is None:
+            pytest.skip("the exact step is not thread-invariant here: batched verifies keep one thread")
+        runner = BatchRunner(max_batch=6)
+        for i, (prompt, params, depth) in enumerate(reqs):
+            runner.add(i, Generation(m.new_session(), prompt, params, depth))
+        out = {i: [] for i in range(len(reqs))}
+        while len(runner):
+            for k, st in runner.step():
+                out[k].append(st.token_id)
+        assert [out[i] for i in range(len(reqs))] == alone
+        assert torch.get_num_threads() == 1  # decode's count is back after each batched verify
+    finally:
+        m.batch_threads = None

@@ -263,6 +263,13 @@ class SessionBase:
                 for i, (d, _) in enumerate(out)]
 
     @classmethod
+    def _batch_threads(cls, model):
+        """Context of a batched verify (a backend may run it on more threads)."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    @classmethod
     def _head_rows_many(cls, items: list) -> list:
         """Head rows of several sessions [(session, hid [n, H], ids [n], head_pos)] -> per session
         (g [1, H], u [1, H], logits [V]) of its last row. Default: one session at a time."""
@@ -296,8 +303,9 @@ class SessionBase:
         if len(sessions) == 1 or not hasattr(model, "step_many"):
             outs = [model.step(s._ids(f), s.cache) for s, f in zip(sessions, feeds)]
         else:
-            post, pre, logits = model.step_many(sessions[0]._ids([t for f in feeds for t in f]),
-                                                [len(f) for f in feeds], [s.cache for s in sessions])
+            with cls._batch_threads(model):
+                post, pre, logits = model.step_many(sessions[0]._ids([t for f in feeds for t in f]),
+                                                    [len(f) for f in feeds], [s.cache for s in sessions])
             outs, r = [], 0
             for f in feeds:
                 outs.append((post[r:r + len(f)], pre[r:r + len(f)], logits[r:r + len(f)]))

@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-origin", action="append", default=None, metavar="ORIGIN",
                    help="allow browser requests from this origin (CORS; repeatable; '*' for any)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the torch backend (default: torch's)")
+    p.add_argument("--batch-threads", type=int, default=None, metavar="N",
+                   help="CPU threads of a verify forward shared by several requests (default: the cores "
+                        "less one, when a startup check shows the same bits as on --threads; 0: as --threads)")
     g = p.add_argument_group("prefix cache", "reuse what earlier prompts computed (exact: docs/prefix-cache.md)")
     g.add_argument("--cache-gb", type=float, default=None, metavar="GB",
                    help="memory for the prefix cache; 0 turns it off (default: 4, or a fifth of the "
@@ -147,7 +150,8 @@ def run(args) -> int:
                                       max_context=args.max_context, model_id=names[0] if names else None,
                                       chat_template=chat_template,
                                       threads=args.threads or None, draft_cutoff=args.draft_cutoff,
-                                      prefix_cache=cache, **load_options(args))
+                                      prefix_cache=cache, batch_threads=args.batch_threads,
+                                      **load_options(args))
     except Exception as e:  # a clear message, no trace, for a model that cannot be loaded
         print(f"error: cannot load model {args.model or '(default)'}: {e}", file=sys.stderr)
         return 1
@@ -160,12 +164,14 @@ def run(args) -> int:
     fmt = detect_format(adapter.chat_template)
     tools = {"xml": "tool calls: Qwen3.5 XML", "json": "tool calls: Qwen3 JSON"}.get(
         fmt.tool_format, "no tool calls (the chat template renders none: see --chat-template)")
+    bt = getattr(adapter.model.model, "batch_threads", None)
     pc = adapter.prefix_cache
     cache_note = "prefix cache off" if pc is None else (
         f"prefix cache {pc.max_bytes / (1 << 30):.1f} GB in blocks of {pc.block_size}"
         f"{f', disk {pc.disk.folder}' if pc.disk is not None else ''}")
     print(f"mtplx serve: {app.state.mtplx.model_id} (MTP depth {depth}; {tools}"
-          f"{'; thinking' if fmt.thinking else ''}; {cache_note}; batches of up to {args.max_batch}) on http://{args.host}:{args.port}/v1",
+          f"{'; thinking' if fmt.thinking else ''}; {cache_note}; batches of up to {args.max_batch}"
+          f"{f' on {bt} threads' if bt else ''}) on http://{args.host}:{args.port}/v1",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, server_header=False,
                 access_log=args.log_level == "debug", timeout_graceful_shutdown=5)

@@ -734,6 +734,7 @@ class Qwen35Model(nn.Module):
         self.mtp = None  # MtpHead, attached by the loader when the checkpoint has one
         self.mtp_hidden = "post"  # which target hidden feeds the head: "post" | "pre" final norm
         self.kernel = "torch"  # exact-path linears: "torch" (row padding) | "rowmm" (compiled)
+        self.batch_threads = None  # torch threads of a batched verify (set_batch_threads), None: as decode
 
     # -- helpers
     @property
@@ -818,6 +819,20 @@ class Qwen35Model(nn.Module):
         self.kernel = kernel
         return kernel
 
+    def set_batch_threads(self, threads: int | None) -> int | None:
+        """Let a verify forward of several sequences run on `threads` torch threads (decode keeps
+        the current count: a small model decodes faster on one). Only when the exact step is
+        measured to give the same bits on that many threads (`check_thread_invariance`); returns
+        the count in use (None: as decode)."""
+        base = torch.get_num_threads()
+        if not threads or threads <= base or self.device.type != "cpu":
+            self.batch_threads = None
+            return None
+        with torch.inference_mode():
+            failures = check_thread_invariance(self, threads)
+        self.batch_threads = None if failures else int(threads)
+        return self.batch_threads
+
     def new_cache(self, max_len: int):
         from .cache import ModelCache
 
@@ -827,6 +842,33 @@ class Qwen35Model(nn.Module):
         from .session import TorchSession
 
         return TorchSession(self, max_context=max_context, hidden_source=hidden_source, **options)
+
+
+def check_thread_invariance(model: Qwen35Model, threads: int, rows=(1, 4, 13)) -> list[str]:
+    """Measure, on this machine, that the exact step gives the same bits with `threads` torch
+    threads as with the current count: sessions prefilled alike (at the current count), then
+    verify rows at either count. A batched verify may run on more threads than decode only when
+    this holds (mtplx/decoding/batch.py). Returns a list of failures (empty: invariant)."""
+    base = torch.get_num_threads()
+    gen = torch.Generator().manual_seed(1)
+    V = model.cfg.vocab_size
+    bad = []
+    for n in rows:
+        prompt = torch.randint(0, V, (70,), generator=gen).tolist()
+        feed = torch.randint(0, V, (n,), generator=gen).tolist()
+        outs = []
+        for t in (base, threads):
+            s = model.new_session()
+            s.prefill(prompt)
+            s.last = feed[0]
+            torch.set_num_threads(t)
+            try:
+                outs.append(s.verify(feed[1:]))
+            finally:
+                torch.set_num_threads(base)
+        if not torch.equal(outs[0], outs[1]):
+            bad.append(f"{n} rows: {threads} threads differ from {base}")
+    return bad
 
 
 def check_row_invariance(model: Qwen35Model, max_rows: int = 8) -> list[str]:
@@ -857,4 +899,5 @@ def check_row_invariance(model: Qwen35Model, max_rows: int = 8) -> list[str]:
 __all__ = [
     "ROW_GROUP", "exact_linear", "exact_ew", "Ops", "PLAIN", "EXACT", "EXACT_ROWMM", "KERNELS", "rms_norm", "Rope", "Attention", "GatedDeltaNet", "MLP", "MoE",
     "DecoderLayer", "Qwen35Model", "chunk_gated_delta", "causal_conv", "check_row_invariance",
+    "check_thread_invariance",
 ]

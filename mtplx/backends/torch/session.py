@@ -9,6 +9,8 @@ entries need no trimming: the next batched head rebuild overwrites them. Prefix-
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from mtplx.backends.session_base import SessionBase
@@ -38,6 +40,19 @@ class TorchSession(SessionBase):
 
     def _head_rows(self, hid, ids, head_pos: int):
         return self.model.mtp.rows(hid, ids, head_pos, self.head_cache, drafting=True)
+
+    @classmethod
+    @contextlib.contextmanager
+    def _batch_threads(cls, model):
+        threads, base = getattr(model, "batch_threads", None), torch.get_num_threads()
+        if not threads or threads == base:
+            yield
+            return
+        torch.set_num_threads(threads)  # exact path only: measured thread-invariant (set_batch_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(base)
 
     @classmethod
     def _head_rows_many(cls, items: list) -> list:
