@@ -66,6 +66,7 @@ class SessionBase:
         self.prefix_cache = prefix_cache if prefix_cache is not None and prefix_cache.enabled else None
         if self.prefix_cache is not None and self.has_head:  # blocks hold the head's pending hidden
             self.prefix_cache.bind("hidden_source", self.hidden_source)
+        self.processor = None  # mtplx.decoding.processors.Chain: penalties / grammar at each prefix
         self.cached_tokens = 0  # prompt tokens restored from the prefix cache
         self.stored_tokens = 0  # prompt tokens this prefill added to it
 
@@ -160,7 +161,10 @@ class SessionBase:
     def sample_first(self, params: SamplingParams, rng: Any) -> int:
         if self._last_logits is None:
             raise RuntimeError("sample_first: call prefill first")
-        tok = self.sampling.sample(self._last_logits, params, rng)
+        logits = self._last_logits if self.processor is None else self.processor.first(self._last_logits)
+        tok = self.sampling.sample(logits, params, rng)
+        if self.processor is not None:
+            self.processor.commit([tok])
         self.last = tok
         if self.has_head:
             self._pend_x.append(tok)
@@ -195,6 +199,8 @@ class SessionBase:
         drafted, rows = [], []
         confidence = 1.0
         for j in range(depth):
+            if self.processor is not None:
+                logits = self.processor.draft(logits, drafted)
             tok, q = self.sampling.draft_token(logits, params, rng)
             drafted.append(tok)
             rows.append(q)
@@ -248,6 +254,8 @@ class SessionBase:
                 if len(rows[i]) > j or id(s) not in last:
                     continue
                 g, u, logits = last.pop(id(s))
+                if s.processor is not None:
+                    logits = s.processor.draft(logits, out[i][0])
                 tok, q = s.sampling.draft_token(logits, params[i], rngs[i])
                 rows[i].append(q)
                 out[i] = (out[i][0] + [tok], None)
@@ -319,6 +327,8 @@ class SessionBase:
         return rows
 
     def accept(self, rows, drafted, q, params: SamplingParams, rng: Any) -> tuple[int, int]:
+        if self.processor is not None:
+            rows = self.processor.rows(rows, list(drafted))
         return self.sampling.accept(rows, list(drafted), q, params, rng)
 
     def commit(self, n_accepted: int, next_id: int) -> None:
@@ -328,6 +338,8 @@ class SessionBase:
         if not 0 <= n_accepted <= len(drafted):
             raise ValueError(f"commit: n_accepted={n_accepted} outside 0..{len(drafted)}")
         m = n_accepted + 1
+        if self.processor is not None:
+            self.processor.commit(list(drafted[:n_accepted]) + [int(next_id)])
         self.cache.keep(m)
         if self.has_head:
             self._drop_draft_head_entries()

@@ -37,6 +37,8 @@ class GenerationStep:
     finish_reason: str | None  # None, "stop" (stop id / EOS / stop string) or "length"
     stats: GenerationStats  # running statistics (the same object throughout)
     stop: str | int | None = None  # what ended it: the stop string, or the stop / EOS token id
+    logprob: float | None = None  # params.logprobs: the raw log-probability of token_id
+    top_logprobs: list[tuple[int, float]] | None = None  # the params.logprobs most likely (id, logprob)
 
 
 def check_prompt(prompt_ids: list[int], max_context: int | None) -> None:
@@ -65,7 +67,7 @@ class Generation:
 
     def __init__(self, session: Any, prompt_ids: list[int], params: SamplingParams, depth: int = 0, *,
                  eos_token_ids: list[int] | tuple[int, ...] = (), detokenizer: Detokenizer | None = None,
-                 rng: Any = None):
+                 rng: Any = None, grammar: Any = None):
         params.validate()
         if not isinstance(depth, int) or depth < 0:
             raise ValueError(f"depth must be an integer >= 0, got {depth!r}")
@@ -82,6 +84,7 @@ class Generation:
             self.budget = min(self.budget, max_context - len(self.prompt_ids))
         self.stats = GenerationStats(depth=depth, prompt_tokens=len(self.prompt_ids))
         self.rng = session.make_rng(params.seed) if rng is None else rng
+        self._install_processors(grammar)
         self.generated = 0
         self.finished = False
         self.drafted: list[int] = []
@@ -89,6 +92,22 @@ class Generation:
         self._blocks = None
         self._t0 = self._t_first = None
         self._t_cycle = 0.0
+
+    def _install_processors(self, grammar: Any) -> None:
+        """Penalties and a grammar (an llguidance matcher) run inside the session, at each drafted
+        prefix (mtplx/decoding/processors.py)."""
+        from .processors import Chain, GrammarMask, Penalties
+
+        s, p = self.session, self.params
+        procs = []
+        if p.penalized:
+            procs.append(Penalties(s.sampling, p.presence_penalty, p.frequency_penalty, p.repetition_penalty,
+                                   self.prompt_ids))
+        if grammar is not None:
+            procs.append(GrammarMask(s.sampling, grammar, int(s.model.cfg.vocab_size), self.stop_ids))
+        if procs:
+            s.processor = Chain(procs)
+        self.grammar = procs[-1] if grammar is not None else None
 
     # -- prefill
     def prefill_block(self) -> bool:
@@ -108,7 +127,7 @@ class Generation:
         first = self.session.sample_first(self.params, self.rng)
         self._t_first = time.perf_counter()
         self.stats.prompt_time_s = self._t_first - self._t0
-        return self._emit(int(first), False)
+        return self._emit(int(first), False, getattr(self.session, "_last_logits", None))
 
     # -- cycles
     def cycle_depth(self, cap: int | None = None) -> int:
@@ -143,7 +162,7 @@ class Generation:
         stats.record_cycle(len(self.drafted), n)
         steps = []
         for i, tok in enumerate(self.drafted[:n] + [nxt]):
-            steps.append(self._emit(tok, i < n))
+            steps.append(self._emit(tok, i < n, rows[i]))
             if self.finished:
                 return steps
         t = clock()
@@ -158,7 +177,7 @@ class Generation:
         text, stopped = self.stops.feed(tail)
         return (text, True) if stopped else (text + self.stops.flush(), False)
 
-    def _emit(self, tok: int, from_draft: bool) -> GenerationStep:
+    def _emit(self, tok: int, from_draft: bool, row: Any = None) -> GenerationStep:
         self.generated += 1
         stats, stops = self.stats, self.stops
         stats.generation_tokens = self.generated
@@ -178,7 +197,10 @@ class Generation:
         if finish is not None:
             stats.peak_memory_bytes = peak_memory_bytes(self.session)
             self.finished = True
-        return GenerationStep(tok, text, from_draft, finish, stats, matched)
+        lp = top = None
+        if self.params.logprobs is not None and row is not None:
+            lp, top = self.session.sampling.logprobs(row, tok, self.params.logprobs)
+        return GenerationStep(tok, text, from_draft, finish, stats, matched, lp, top)
 
 
 def generate_steps(

@@ -28,6 +28,19 @@ class SamplingParams:
     # product of its draft tokens' probabilities) falls below this; 0 = always draft `depth`.
     # The stopping rule only looks at drafts already made, so output stays exact.
     draft_cutoff: float = 0.0
+    # penalties (mtplx/decoding/processors.py), applied at every drafted prefix: OpenAI presence /
+    # frequency over the generated tokens, the multiplicative repetition penalty over prompt +
+    # generated tokens (1 = off)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    # log-probabilities of each emitted token (raw: the target's own log-softmax, before
+    # penalties, grammar, temperature and filtering), with this many alternatives; None = off
+    logprobs: int | None = None
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     @property
     def greedy(self) -> bool:
@@ -53,3 +66,10 @@ class SamplingParams:
             raise ValueError(f"draft_cutoff must be in [0, 1) (0 = off), got {self.draft_cutoff}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2] (0 = off), got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise ValueError(f"repetition_penalty must be in (0, 10] (1 = off), got {self.repetition_penalty}")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20):
+            raise ValueError(f"top_logprobs must be an integer in [0, 20], got {self.logprobs!r}")

@@ -191,3 +191,37 @@ def accept(target_logits: mx.array, drafted: list[int], draft_probs: mx.array | 
 
 __all__ = ["MlxRng", "make_rng", "filter_probs", "sample", "draft_token", "stack_draft_probs", "accept",
            "sample_batch", "accept_sampled_batch", "accept_greedy_batch"]
+
+
+# ---- processor primitives (mtplx/decoding/processors.py) ------------------------------------
+
+
+def penalize(row: mx.array, ids: list[int], sub: list[float], rep_ids: list[int], rep: float) -> mx.array:
+    """row [V] -> fp32: repetition penalty on rep_ids, then `sub` subtracted at ids."""
+    out = row.astype(mx.float32)
+    if rep_ids:
+        idx = mx.array(rep_ids, dtype=mx.int32)
+        v = out[idx]
+        out[idx] = mx.where(v > 0, v / rep, v * rep)
+    if ids:
+        idx = mx.array(ids, dtype=mx.int32)
+        out[idx] = out[idx] - mx.array(sub, dtype=mx.float32)
+    return out
+
+
+def mask_row(row: mx.array, allowed) -> mx.array:
+    return mx.where(mx.array(allowed), row.astype(mx.float32), mx.array(float("-inf"), dtype=mx.float32))
+
+
+def stack_rows(rows: list) -> mx.array:
+    return mx.stack(rows)
+
+
+def logprobs(row: mx.array, tok: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    x = row.astype(mx.float32)
+    lp = x - mx.logsumexp(x, axis=-1)
+    top = []
+    if k:
+        idx = mx.argsort(-lp)[:k]
+        top = [(int(i), float(lp[int(i)])) for i in idx.tolist()]
+    return float(lp[tok]), top

@@ -174,6 +174,44 @@ def accept_greedy_batch(target: torch.Tensor, drafted: torch.Tensor) -> tuple[to
     return n, best[torch.arange(N, device=best.device), n]
 
 
+# ---- processor primitives (mtplx/decoding/processors.py) ------------------------------------
+
+
+def penalize(row: torch.Tensor, ids: list[int], sub: list[float], rep_ids: list[int], rep: float) -> torch.Tensor:
+    """row [V] -> fp32 copy: repetition penalty on rep_ids (positive / rep, negative * rep), then
+    `sub` subtracted at ids (presence + frequency * count)."""
+    out = row.float().clone()
+    if rep_ids:
+        idx = torch.tensor(rep_ids, dtype=torch.long, device=out.device)
+        v = out[idx]
+        out[idx] = torch.where(v > 0, v / rep, v * rep)
+    if ids:
+        idx = torch.tensor(ids, dtype=torch.long, device=out.device)
+        out[idx] -= torch.tensor(sub, dtype=torch.float32, device=out.device)
+    return out
+
+
+def mask_row(row: torch.Tensor, allowed) -> torch.Tensor:
+    """row [V] -> fp32 copy with the tokens not `allowed` (numpy bool [V]) at -inf."""
+    keep = torch.from_numpy(allowed).to(row.device)
+    return row.float().masked_fill(~keep, float("-inf"))
+
+
+def stack_rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(rows)
+
+
+def logprobs(row: torch.Tensor, tok: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """Raw log-probability of `tok` under row [V] (log-softmax in fp32) and the k most likely
+    (id, logprob), highest first (ties: lower id first)."""
+    lp = torch.log_softmax(row.float(), dim=-1)
+    top = []
+    if k:
+        vals, idx = torch.topk(lp, k)
+        top = [(int(i), float(v)) for v, i in zip(vals.tolist(), idx.tolist())]
+    return float(lp[tok]), top
+
+
 # ---- per-request API (what a Session calls) -----------------------------------------------
 
 
