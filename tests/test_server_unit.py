@@ -154,7 +154,11 @@ def test_anthropic_messages_and_stream_order(client):
     json.dumps({"messages": MSG, "temperature": True}).encode(),
     json.dumps({"messages": MSG, "n": 3}).encode(),
     json.dumps({"messages": MSG, "stream": "yes"}).encode(),
-    json.dumps({"messages": MSG, "logprobs": True}).encode(),
+    json.dumps({"messages": MSG, "logprobs": True, "top_logprobs": 21}).encode(),
+    json.dumps({"messages": MSG, "top_logprobs": 2}).encode(),  # without logprobs: true
+    json.dumps({"messages": MSG, "presence_penalty": 2.5}).encode(),
+    json.dumps({"messages": MSG, "repetition_penalty": 0}).encode(),
+    json.dumps({"messages": MSG, "response_format": {"type": "xml"}}).encode(),
     json.dumps({"messages": MSG, "tools": [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "string"}}}]}).encode(),
     json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}).encode(),

@@ -215,6 +215,12 @@ class SessionBase:
             logits = lg[-1]
         return drafted, self.sampling.stack_draft_probs(rows)
 
+    def prompt_logprobs(self, prompt_ids: list[int], k: int) -> list:
+        """Raw log-probabilities of prompt tokens 1..P-1 (each under the logits of the position
+        before it, one parallel forward of the whole prompt) -> [(id, logprob, top k)]."""
+        rows = self.model.prompt_logits(self._ids(prompt_ids))  # [P, V]
+        return [(int(t), *self.sampling.logprobs(rows[i], int(t), k)) for i, t in enumerate(prompt_ids[1:])]
+
     @classmethod
     def draft_many(cls, sessions: list, depths: list[int], params: list[SamplingParams], rngs: list) -> list:
         """`draft` of several sessions whose drafts decide no token (greedy requests: verify

@@ -22,6 +22,11 @@ mismatching row's argmax is the recovered token; when all pass, the bonus is arg
 
 `sample(w, u)` is the inverse CDF: the first index whose cumulative weight exceeds
 u * sum(w), never an index of zero weight.
+
+Penalties and grammar masks (mtplx/decoding/processors.py) change the logits as a function of the
+tokens before a position. At a drafted prefix, row i is processed with the prefix + d1..di, and
+so is the draft distribution of d(i+1) (`processed_rows`); acceptance then runs on the processed,
+filtered rows as above, and the output follows the processed target exactly.
 """
 
 from __future__ import annotations
@@ -36,6 +41,12 @@ def sample_from(w: np.ndarray, u: float) -> int:
     i = int(np.searchsorted(c, u * c[-1], side="right"))
     last = int(np.flatnonzero(w > 0)[-1])
     return min(i, last)
+
+
+def processed_rows(rows: np.ndarray, drafted: list[int], process) -> np.ndarray:
+    """rows [D+1, V] raw logits of a cycle, process(row, prefix) -> the processed row: row i is
+    processed with this cycle's prefix drafted[:i] (after the emitted tokens `process` knows)."""
+    return np.stack([process(np.asarray(rows[i], dtype=np.float64), list(drafted[:i])) for i in range(len(rows))])
 
 
 def accept_greedy(target_logits: np.ndarray, drafted: list[int]) -> tuple[int, int]:

@@ -39,6 +39,7 @@ class GenerationStep:
     stop: str | int | None = None  # what ended it: the stop string, or the stop / EOS token id
     logprob: float | None = None  # params.logprobs: the raw log-probability of token_id
     top_logprobs: list[tuple[int, float]] | None = None  # the params.logprobs most likely (id, logprob)
+    prompt_logprobs: list | None = None  # first step, params.prompt_logprobs: (id, logprob, top) per prompt token
 
 
 def check_prompt(prompt_ids: list[int], max_context: int | None) -> None:
@@ -84,6 +85,8 @@ class Generation:
             self.budget = min(self.budget, max_context - len(self.prompt_ids))
         self.stats = GenerationStats(depth=depth, prompt_tokens=len(self.prompt_ids))
         self.rng = session.make_rng(params.seed) if rng is None else rng
+        if grammar is None and params.grammar is not None:
+            grammar = params.grammar.matcher()
         self._install_processors(grammar)
         self.generated = 0
         self.finished = False
@@ -127,7 +130,10 @@ class Generation:
         first = self.session.sample_first(self.params, self.rng)
         self._t_first = time.perf_counter()
         self.stats.prompt_time_s = self._t_first - self._t0
-        return self._emit(int(first), False, getattr(self.session, "_last_logits", None))
+        step = self._emit(int(first), False, getattr(self.session, "_last_logits", None))
+        if self.params.prompt_logprobs is not None:
+            step.prompt_logprobs = self.session.prompt_logprobs(self.prompt_ids, self.params.prompt_logprobs)
+        return step
 
     # -- cycles
     def cycle_depth(self, cap: int | None = None) -> int:

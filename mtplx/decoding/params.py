@@ -37,6 +37,11 @@ class SamplingParams:
     # log-probabilities of each emitted token (raw: the target's own log-softmax, before
     # penalties, grammar, temperature and filtering), with this many alternatives; None = off
     logprobs: int | None = None
+    # structured output: a compiled grammar (mtplx.decoding.grammar.CompiledGrammar); each
+    # generation takes a fresh matcher from it
+    grammar: object = None
+    # completions echo: the log-probabilities of the prompt's tokens (after the first) too
+    prompt_logprobs: int | None = None
 
     @property
     def penalized(self) -> bool:

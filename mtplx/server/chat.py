@@ -57,6 +57,14 @@ class ChatResult:
     reasoning: str
     calls: list[ToolCall]
     finish: ChatFinish
+    logprobs: list = field(default_factory=list)  # (id, logprob, top) per generated token, when asked
+
+
+@dataclass
+class TokenLogprobs:
+    """The log-probabilities of a step's tokens (before the events of the text they make)."""
+
+    entries: list
 
 
 def _build(model, conv: Conversation) -> tuple[list[int], ChatPrompt]:
@@ -88,6 +96,8 @@ async def chat_events(run: ChatRun, request: Request | None = None, metrics=None
     async for ev in job_events(run.job, request):
         if isinstance(ev, StepEvent):
             n += len(ev.step.token_ids)
+            if ev.step.logprobs:
+                yield TokenLogprobs(ev.step.logprobs)
             for out in parser.feed(ev.step.text):
                 yield out
         elif isinstance(ev, DoneEvent):
@@ -108,14 +118,16 @@ async def chat_events(run: ChatRun, request: Request | None = None, metrics=None
 
 
 async def collect_chat(run: ChatRun, request: Request, metrics=None) -> ChatResult:
-    text, reasoning = [], []
+    text, reasoning, lps = [], [], []
     async for ev in chat_events(run, request, metrics):
-        if isinstance(ev, TextDelta):
+        if isinstance(ev, TokenLogprobs):
+            lps += ev.entries
+        elif isinstance(ev, TextDelta):
             text.append(ev.text)
         elif isinstance(ev, ReasoningDelta):
             reasoning.append(ev.text)
         elif isinstance(ev, ToolCallEnd) and not ev.complete:
             text.append(ev.raw)  # an unfinished call is shown as the text it is
         elif isinstance(ev, ChatFinish):
-            return ChatResult("".join(text), "".join(reasoning), ev.calls, ev)
+            return ChatResult("".join(text), "".join(reasoning), ev.calls, ev, lps)
     raise APIError(499, "client disconnected")

@@ -26,7 +26,10 @@ def new_id(prefix: str) -> str:
 
 
 def make_params(*, temperature: float | None, top_p: float | None, top_k: int | None, min_p: float | None,
-                seed: int | None, max_tokens: int, stop: list[str], ignore_eos: bool = False) -> SamplingParams:
+                seed: int | None, max_tokens: int, stop: list[str], ignore_eos: bool = False,
+                presence_penalty: float | None = None, frequency_penalty: float | None = None,
+                repetition_penalty: float | None = None, logprobs: int | None = None,
+                grammar: Any = None) -> SamplingParams:
     if seed is not None:
         seed = None if seed == -1 else seed % (2**63)  # -1 = random (llama.cpp convention)
     params = SamplingParams(
@@ -38,6 +41,11 @@ def make_params(*, temperature: float | None, top_p: float | None, top_k: int | 
         max_tokens=max_tokens,
         stop=list(stop),
         ignore_eos=ignore_eos,
+        presence_penalty=presence_penalty or 0.0,
+        frequency_penalty=frequency_penalty or 0.0,
+        repetition_penalty=1.0 if repetition_penalty is None else float(repetition_penalty),
+        logprobs=logprobs,
+        grammar=grammar,
     )
     try:
         params.validate()
@@ -114,6 +122,8 @@ class Outcome:
     stop_sequence: str | None
     stats: GenStats
     completion_tokens: int
+    logprobs: list = None  # per token (id, logprob, top), when asked
+    prompt_logprobs: list | None = None  # per prompt token after the first (echo)
 
 
 async def job_events(job: Job, request: Request | None = None) -> AsyncIterator[Any]:
@@ -150,14 +160,18 @@ async def job_events(job: Job, request: Request | None = None) -> AsyncIterator[
 
 async def collect(job: Job, request: Request) -> Outcome:
     parts: list[str] = []
+    lps: list = []
+    prompt_lps = None
     n = 0
     async for ev in job_events(job, request):
         if isinstance(ev, StepEvent):
             parts.append(ev.step.text)
             n += len(ev.step.token_ids)
+            lps += ev.step.logprobs or []
+            prompt_lps = prompt_lps if ev.step.prompt_logprobs is None else ev.step.prompt_logprobs
         elif isinstance(ev, DoneEvent):
             return Outcome("".join(parts), ev.finish_reason, ev.stop_sequence, ev.stats,
-                           ev.stats.generated_tokens or n)
+                           ev.stats.generated_tokens or n, lps, prompt_lps)
     raise APIError(499, "client disconnected")  # the response goes nowhere
 
 

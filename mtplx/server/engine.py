@@ -63,6 +63,8 @@ class GenStep:
     finish_reason: str | None = None  # None while running, then "stop" | "length"
     stop_sequence: str | None = None  # the stop string that ended it, if any
     stats: GenStats | None = None
+    logprobs: list | None = None  # per token (id, logprob, [(id, logprob)] top), when asked
+    prompt_logprobs: list | None = None  # the first step, with echo: per prompt token after the first
 
 
 class ModelAdapter(Protocol):
@@ -296,8 +298,9 @@ class Engine:
             step = self.model.gen_step(st)
             prev = merged.get(jid)
             if prev is not None:
+                lps = None if step.logprobs is None else (prev.logprobs or []) + step.logprobs
                 step = GenStep(prev.text + step.text, prev.token_ids + step.token_ids, step.finish_reason,
-                               step.stop_sequence, step.stats)
+                               step.stop_sequence, step.stats, lps, prev.prompt_logprobs or step.prompt_logprobs)
             merged[jid] = step
         for jid, step in merged.items():
             job = by_id[jid]

@@ -68,10 +68,18 @@ class MtplxModelAdapter:
         return Generation(session, list(prompt_ids), params, depth, eos_token_ids=self.model.eos_token_ids,
                           detokenizer=detok)
 
+    def compile_json(self, schema: dict | None):
+        """A JSON grammar (mtplx.decoding.grammar) for this model's tokenizer; GrammarError if invalid."""
+        from mtplx.decoding.grammar import compile_json
+
+        return compile_json(self.tokenizer, self.vocab_size, self.model.eos_token_ids, schema)
+
     @staticmethod
     def gen_step(step) -> GenStep:  # mtplx.decoding.loop.GenerationStep -> GenStep
+        lps = None if step.logprob is None else [(step.token_id, step.logprob, step.top_logprobs or [])]
         return GenStep(text=step.text, token_ids=[step.token_id], finish_reason=step.finish_reason,
-                       stop_sequence=step.stop if isinstance(step.stop, str) else None, stats=_stats(step.stats))
+                       stop_sequence=step.stop if isinstance(step.stop, str) else None, stats=_stats(step.stats),
+                       logprobs=lps, prompt_logprobs=getattr(step, "prompt_logprobs", None))
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, depth: int) -> Iterator[GenStep]:
         """The same generation alone (a generator of GenSteps), for callers without a batch runner."""

