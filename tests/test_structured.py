@@ -235,3 +235,65 @@ def test_torch_penalties_match_the_reference():
     for t, c in counts.items():
         ref[t] -= 0.5 + 0.25 * c
     assert np.allclose(got, ref, atol=1e-5)
+
+
+# ---- the server ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client():
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from mtplx.server.app import create_app
+    from mtplx.server.model_adapter import load_adapter
+
+    adapter, depth = load_adapter(None, depth=3, prefix_cache={"gb": 0})
+    with TestClient(create_app(adapter, depth=depth)) as c:
+        yield c
+
+
+MSGS = [{"role": "user", "content": "A person as JSON."}]
+
+
+def test_server_chat_logprobs_stream_and_not(client):
+    body = {"messages": MSGS, "max_tokens": 12, "temperature": 0, "logprobs": True, "top_logprobs": 3}
+    r = client.post("/v1/chat/completions", json=body).json()
+    content = r["choices"][0]["logprobs"]["content"]
+    # every generated token has its entry: the content is their text less the chat format's markup
+    assert r["choices"][0]["message"]["content"] in "".join(e["token"] for e in content)
+    assert all(e["logprob"] <= 0 and len(e["top_logprobs"]) == 3 for e in content)
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+        chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    streamed = [e for c in chunks for ch in c["choices"] if ch.get("logprobs") for e in ch["logprobs"]["content"]]
+    assert [e["logprob"] for e in streamed] == [e["logprob"] for e in content]
+
+
+def test_server_completions_logprobs_and_echo(client):
+    r = client.post("/v1/completions", json={"prompt": "def add(a, b):", "max_tokens": 6, "temperature": 0,
+                                             "logprobs": 2, "echo": True}).json()
+    ch = r["choices"][0]
+    lp = ch["logprobs"]
+    assert ch["text"].startswith("def add(a, b):") and "".join(lp["tokens"]) == ch["text"]
+    assert lp["token_logprobs"][0] is None and all(v <= 0 for v in lp["token_logprobs"][1:])
+    assert lp["text_offset"] == sorted(lp["text_offset"])
+
+
+def test_server_response_format_json_schema_and_errors(client):
+    rf = {"type": "json_schema", "json_schema": {"name": "person", "strict": True, "schema": SCHEMA}}
+    r = client.post("/v1/chat/completions", json={"messages": MSGS, "max_tokens": 60, "temperature": 0,
+                                                  "response_format": rf}).json()
+    if r["choices"][0]["finish_reason"] != "length":
+        _validate(r["choices"][0]["message"]["content"])
+    r = client.post("/v1/chat/completions", json={"messages": MSGS, "max_tokens": 40, "temperature": 0.8, "seed": 1,
+                                                  "response_format": {"type": "json_object"}}).json()
+    if r["choices"][0]["finish_reason"] != "length":
+        assert isinstance(json.loads(r["choices"][0]["message"]["content"]), dict)
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "nope"}}}}}
+    e = client.post("/v1/chat/completions", json={"messages": MSGS, "response_format": bad})
+    assert e.status_code == 400 and "schema" in e.json()["error"]["message"].lower()
+    e = client.post("/v1/chat/completions", json={"messages": MSGS, "frequency_penalty": -3})
+    assert e.status_code == 400
+    ok = client.post("/v1/chat/completions", json={"messages": MSGS, "max_tokens": 8, "presence_penalty": 1.0,
+                                                   "frequency_penalty": 0.5, "repetition_penalty": 1.2})
+    assert ok.status_code == 200

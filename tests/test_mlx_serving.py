@@ -1,4 +1,5 @@
-"""The prefix cache on the MLX backend: cache on == cache off, token for token (tiny models)."""
+"""The serving features on the MLX backend (tiny models): the prefix cache (cache on == off, disk tier), the
+batch runner, penalties and logprobs - each exact against its own reference."""
 
 from __future__ import annotations
 
@@ -69,3 +70,15 @@ def test_mlx_batch_runner_equals_alone():
         for k, st in runner.step():
             out[k].append(st.token_id)
     assert [out[i] for i in range(4)] == alone
+
+
+def test_mlx_penalties_and_logprobs_greedy_mtp_equals_depth0():
+    m = mlx_model("moe")
+    p = SamplingParams(max_tokens=10, presence_penalty=0.6, repetition_penalty=1.3, logprobs=2)
+    from mtplx.decoding.loop import generate_steps
+
+    runs = []
+    for depth in (0, 2):
+        s = m.new_session()
+        runs.append([(st.token_id, st.logprob, st.top_logprobs) for st in generate_steps(s, [3, 5, 7, 3], p, depth)])
+    assert runs[0] == runs[1] and all(lp <= 0 for _, lp, _ in runs[0])
