@@ -69,7 +69,9 @@ def _requests(m, n, seed):
     for i in range(n):
         temp = r.choice([0.0, 0.0, 0.8])
         params = SamplingParams(max_tokens=r.randint(3, 14), temperature=temp, top_p=r.choice([1.0, 0.9]),
-                                seed=r.randrange(100), stop_token_ids=[r.randrange(m.cfg.vocab_size)])
+                                seed=r.randrange(100), stop_token_ids=[r.randrange(m.cfg.vocab_size)],
+                                presence_penalty=r.choice([0.0, 0.0, 0.8]), repetition_penalty=r.choice([1.0, 1.2]),
+                                logprobs=r.choice([None, 2]))
         reqs.append((_fill(m, r.randint(3, 40), seed * 100 + i), params, r.choice([0, 1, 2, 3])))
     return reqs
 
@@ -78,6 +80,33 @@ def _alone(m, req, block):
     prompt, params, depth = req
     s = m.new_session(prefill_block=block)
     return [st.token_id for st in generate_steps(s, prompt, params, depth)]
+
+
+def test_runner_with_a_grammar_equals_alone():
+    import mtplx
+    from mtplx.decoding.grammar import compile_json
+
+    model = mtplx.load(None, backend="torch")
+    g = compile_json(model.tokenizer, model.config.vocab_size, model.eos_token_ids,
+                     {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}})
+    prompts = [model.tokenizer.encode_chat([{"role": "user", "content": f"JSON {i}"}]) for i in range(4)]
+    params = [SamplingParams(max_tokens=30, grammar=g), SamplingParams(max_tokens=30, temperature=0.9, seed=2, grammar=g),
+              SamplingParams(max_tokens=30), SamplingParams(max_tokens=30, grammar=g, frequency_penalty=0.5)]
+    def gen(i):
+        return Generation(model.new_session(), prompts[i], params[i], 3, eos_token_ids=model.eos_token_ids)
+    alone = []
+    for i in range(4):
+        g_ = gen(i)
+        alone.append([st.token_id for st in generate_steps(g_.session, g_.prompt_ids, params[i], 3,
+                                                            eos_token_ids=model.eos_token_ids)])
+    runner = BatchRunner(max_batch=4)
+    for i in range(4):
+        runner.add(i, gen(i))
+    out = {i: [] for i in range(4)}
+    while len(runner):
+        for k, st in runner.step():
+            out[k].append(st.token_id)
+    assert [out[i] for i in range(4)] == alone
 
 
 @pytest.mark.parametrize("kind", ["moe", "dense"])
