@@ -301,7 +301,7 @@ async def completions(body: CompletionRequest, request: Request):
         text = echoed + text
     if body.logprobs is not None:
         prompt_lp = ([(prompt_ids[0], None, [])] + (out.prompt_logprobs or [])) if body.echo else None
-        lp = completion_logprobs(model, out.logprobs, 0 if body.echo else 0, prompt_lp)
+        lp = completion_logprobs(model, out.logprobs, 0, prompt_lp)
     return JSONResponse({
         "id": cid, "object": "text_completion", "created": created, "model": st.model_id,
         "system_fingerprint": st.fingerprint,
