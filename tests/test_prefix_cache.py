@@ -268,3 +268,21 @@ def test_disk_tier_round_trip_foreign_and_corrupt(api_model, tmp_path, caplog):
             make_prefix_cache(model, gb=0.5, block=32, cache_dir=tmp_path / "pc")
     finally:
         model.prefix_cache = None
+
+
+def test_prefill_on_more_threads_keeps_cache_on_equal_to_off():
+    """Prefill blocks may run on more threads than decode (loader.apply_default_threads); a full
+    block always does and a tail never does, so cache on == off still holds."""
+    m = our_model("moe", torch.float32)
+    block = 8
+    prompts = _prompts(m.cfg.vocab_size, block, seed=4)
+    m.prefill_threads = 2
+    try:
+        cache = PrefixCache(max_bytes=1 << 30, block_size=block, nbytes=_nbytes)
+        for p in prompts:
+            off, _ = _run(m, p, SAMPLED, 2, None, block)
+            on, _ = _run(m, p, SAMPLED, 2, cache, block)
+            assert on == off
+            assert torch.get_num_threads() == 1  # decode's count is back after the prefill
+    finally:
+        m.prefill_threads = None

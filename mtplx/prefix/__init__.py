@@ -37,7 +37,7 @@ def model_identity(model, block: int) -> dict:
         import torch
 
         ident["framework"] = f"torch {torch.__version__}"
-        ident["threads"] = torch.get_num_threads()
+        ident["threads"] = getattr(model.model, "prefill_threads", None) or torch.get_num_threads()  # blocks' bits
     else:
         import mlx.core as mx
 

@@ -735,6 +735,7 @@ class Qwen35Model(nn.Module):
         self.mtp_hidden = "post"  # which target hidden feeds the head: "post" | "pre" final norm
         self.kernel = "torch"  # exact-path linears: "torch" (row padding) | "rowmm" (compiled)
         self.batch_threads = None  # torch threads of a batched verify (set_batch_threads), None: as decode
+        self.prefill_threads = None  # torch threads of prefill blocks, None: as decode (loader.apply_default_threads)
 
     # -- helpers
     @property

@@ -42,17 +42,8 @@ class TorchSession(SessionBase):
         return self.model.mtp.rows(hid, ids, head_pos, self.head_cache, drafting=True)
 
     @classmethod
-    @contextlib.contextmanager
-    def _batch_threads(cls, model):
-        threads, base = getattr(model, "batch_threads", None), torch.get_num_threads()
-        if not threads or threads == base:
-            yield
-            return
-        torch.set_num_threads(threads)  # exact path only: measured thread-invariant (set_batch_threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(base)
+    def _batch_threads(cls, model):  # exact path only: measured thread-invariant (set_batch_threads)
+        return _threads(getattr(model, "batch_threads", None))
 
     @classmethod
     def _head_rows_many(cls, items: list) -> list:
@@ -124,10 +115,26 @@ TorchSession.verify_many = classmethod(torch.inference_mode()(SessionBase.verify
 TorchSession.draft_many = classmethod(torch.inference_mode()(SessionBase.draft_many.__func__))
 
 
+@contextlib.contextmanager
+def _threads(n: int | None):
+    base = torch.get_num_threads()
+    if not n or n == base:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(base)
+
+
 def _prefill_blocks(self, prompt_ids):
     blocks = SessionBase.prefill_blocks(self, prompt_ids)
-    while True:  # inference mode around each block only: never left on across a yield
-        with torch.inference_mode():
+    threads = getattr(self.model, "prefill_threads", None)
+    while True:  # inference mode (and the prefill's threads) around each block only, never across a yield
+        # more threads only for a full block: a short prompt's few rows would only wait for them
+        full = len(prompt_ids) - self.pos >= self.prefill_block
+        with torch.inference_mode(), _threads(threads if full else None):
             try:
                 end = next(blocks)
             except StopIteration:
