@@ -276,13 +276,25 @@ def test_prefill_on_more_threads_keeps_cache_on_equal_to_off():
     m = our_model("moe", torch.float32)
     block = 8
     prompts = _prompts(m.cfg.vocab_size, block, seed=4)
+    seen = []  # (block length, threads) of every prefill forward
+    original = type(m).prefill
+
+    def spy(self, ids, cache):
+        seen.append((ids.shape[0], torch.get_num_threads()))
+        return original(self, ids, cache)
+
     m.prefill_threads = 2
+    type(m).prefill = spy
     try:
         cache = PrefixCache(max_bytes=1 << 30, block_size=block, nbytes=_nbytes)
         for p in prompts:
             off, _ = _run(m, p, SAMPLED, 2, None, block)
-            on, _ = _run(m, p, SAMPLED, 2, cache, block)
+            on, s = _run(m, p, SAMPLED, 2, cache, block)
             assert on == off
             assert torch.get_num_threads() == 1  # decode's count is back after the prefill
+        assert cache.counters.hit_tokens > 0
+        # a full block always runs on 2 threads and a tail on 1, restored prefix or not
+        assert {(n == block, t) for n, t in seen} <= {(True, 2), (False, 1)} and (False, 1) in {(n == block, t) for n, t in seen}
     finally:
+        type(m).prefill = original
         m.prefill_threads = None

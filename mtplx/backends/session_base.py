@@ -142,13 +142,14 @@ class SessionBase:
         last = None
         for s in range(start, P, B):
             e = min(s + B, P)
-            post, pre, last = self.model.prefill(self._ids(prompt_ids[s:e]), self.cache)
-            self._materialize(last)
-            self.pos = e
-            if self.has_head:  # pairs (h[t], x[t+1]) whose token is in this block
-                self._pend_h.append(self._hid(post, pre))
-                self._pend_x.extend(prompt_ids[max(s, 1):e])
-                self._run_head()
+            with self._block_context(e - s == B):
+                post, pre, last = self.model.prefill(self._ids(prompt_ids[s:e]), self.cache)
+                self._materialize(last)
+                self.pos = e
+                if self.has_head:  # pairs (h[t], x[t+1]) whose token is in this block
+                    self._pend_h.append(self._hid(post, pre))
+                    self._pend_x.extend(prompt_ids[max(s, 1):e])
+                    self._run_head()
             k = s // B
             if store is not None and e - s == B and keys[k] not in store:
                 payload = self._export_block(s, e)
@@ -275,6 +276,13 @@ class SessionBase:
             j += 1
         return [(d, sessions[i].sampling.stack_draft_probs(rows[i]) if i in rows else None)
                 for i, (d, _) in enumerate(out)]
+
+    def _block_context(self, full: bool):
+        """Context of one prefill block (full: B tokens, else the prompt's tail); a backend may
+        give full blocks more threads. It must depend on nothing else: cache on == off."""
+        import contextlib
+
+        return contextlib.nullcontext()
 
     @classmethod
     def _batch_threads(cls, model):

@@ -128,13 +128,18 @@ def _threads(n: int | None):
         torch.set_num_threads(base)
 
 
+def _block_context(self, full: bool):
+    # more threads only for a full block: a short tail's few rows would only wait for them
+    return _threads(getattr(self.model, "prefill_threads", None) if full else None)
+
+
+TorchSession._block_context = _block_context
+
+
 def _prefill_blocks(self, prompt_ids):
     blocks = SessionBase.prefill_blocks(self, prompt_ids)
-    threads = getattr(self.model, "prefill_threads", None)
-    while True:  # inference mode (and the prefill's threads) around each block only, never across a yield
-        # more threads only for a full block: a short prompt's few rows would only wait for them
-        full = len(prompt_ids) - self.pos >= self.prefill_block
-        with torch.inference_mode(), _threads(threads if full else None):
+    while True:  # inference mode around each block only, never across a yield
+        with torch.inference_mode():
             try:
                 end = next(blocks)
             except StopIteration:
