@@ -297,3 +297,51 @@ def test_server_response_format_json_schema_and_errors(client):
     ok = client.post("/v1/chat/completions", json={"messages": MSGS, "max_tokens": 8, "presence_penalty": 1.0,
                                                    "frequency_penalty": 0.5, "repetition_penalty": 1.2})
     assert ok.status_code == 200
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo", "Lima"]},
+                                     "days": {"type": "integer"}, "units": {"type": "string", "enum": ["c", "f"]},
+                                     "alerts": {"type": "boolean"}},
+    "required": ["city", "days", "units", "alerts"]}}}
+
+
+def test_forced_tool_call_arguments_follow_the_schema(client):
+    """A forced call (named, or required with one call) is generated under its tool's schema: the
+    default model, untrained for tools, still gives typed, complete arguments (enums, an integer,
+    a boolean: free text it would not end, it is a code model)."""
+    calls = 0
+    for choice in ({"type": "function", "function": {"name": "get_weather"}}, "required"):
+        for temp in (0, 0.9):
+            body = {"messages": [{"role": "user", "content": "Weather in Paris for 3 days?"}], "tools": [WEATHER],
+                    "tool_choice": choice, "parallel_tool_calls": False, "max_tokens": 80, "temperature": temp, "seed": 5}
+            r = client.post("/v1/chat/completions", json=body).json()
+            ch = r["choices"][0]
+            if ch["finish_reason"] == "length":
+                continue
+            call = ch["message"]["tool_calls"][0]["function"]
+            args = json.loads(call["arguments"])
+            assert call["name"] == "get_weather" and set(args) == {"city", "days", "units", "alerts"}
+            assert args["city"] in ("Paris", "Oslo", "Lima") and isinstance(args["days"], int)
+            assert args["units"] in ("c", "f") and isinstance(args["alerts"], bool)
+            calls += 1
+    assert calls >= 2  # the grammar closes the call: the model, untrained for tools, does not run to max_tokens
+
+
+def test_forced_call_grammar_greedy_mtp_equals_depth0(default):
+    from mtplx.chat.prompt import build_prompt
+    from mtplx.chat.tools import ToolChoice, openai_tools
+    from mtplx.decoding.grammar import compile_lark
+
+    tools, _ = openai_tools([WEATHER])
+    tk = default.tokenizer
+    p = build_prompt(tk.apply_chat_template, tk.chat_template, [{"role": "user", "content": "Weather?"}], tools,
+                     ToolChoice("named", name="get_weather"), {"enable_thinking": False})
+    assert p.call_grammar is not None
+    g = compile_lark(tk, default.config.vocab_size, default.eos_token_ids, p.call_grammar)
+    ids = tk.encode(p.text, add_special_tokens=False)
+    params = SamplingParams(max_tokens=60, grammar=g, stop=p.stops)
+    kw = dict(eos_token_ids=default.eos_token_ids)
+    ref = [s.token_id for s in _run(default.model, ids, params, 0, detokenizer=tk.detokenizer(), **kw)]
+    for d in (1, 3):
+        assert [s.token_id for s in _run(default.model, ids, params, d, detokenizer=tk.detokenizer(), **kw)] == ref

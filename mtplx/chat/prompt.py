@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from mtplx.chat.call_grammar import forced_call_grammar
 from mtplx.chat.formats import CALL_CLOSE, THINK_CLOSE, THINK_OPEN, ChatFormat, detect_format
 from mtplx.chat.parser import ChatParser
 from mtplx.chat.tools import Tool, ToolCall, ToolChoice, ToolSpecError
@@ -33,6 +34,7 @@ class ChatPrompt:
     start_in_reasoning: bool
     prefill: str = ""  # appended to the rendered prompt; the parser reads it first
     stops: list[str] = field(default_factory=list)
+    call_grammar: str | None = None  # a forced single call: Lark grammar of its rest (mtplx/chat/call_grammar.py)
 
     def parser(self, id_prefix: str = "call_") -> tuple[ChatParser, list]:
         """A fresh parser and the events of the prefilled text (a forced call's announcement)."""
@@ -103,5 +105,8 @@ def build_prompt(render: Render, template: str | None, messages: list[dict], too
         prefill = (THINK_CLOSE + "\n\n" if in_reasoning else "") + fmt.call_prefix(choice.name)
     if tools and choice.mode != "none" and (not choice.parallel or choice.mode == "named"):
         stops.append(CALL_CLOSE)  # one call: generation ends as it closes (the parser is told)
-    return ChatPrompt(text + prefill, fmt, tools, choice, in_reasoning, prefill, stops)
+    grammar = None
+    if prefill and CALL_CLOSE in stops:  # one forced call: its arguments follow the tool's schema
+        grammar = forced_call_grammar(fmt.tool_format, tools, choice.name if choice.mode == "named" else None)
+    return ChatPrompt(text + prefill, fmt, tools, choice, in_reasoning, prefill, stops, grammar)
 

@@ -71,4 +71,15 @@ def compile_json(tokenizer, vocab_size: int, eos_ids: list[int], schema: dict | 
     return CompiledGrammar(tok, grammar)
 
 
-__all__ = ["GrammarError", "CompiledGrammar", "compile_json", "llg_tokenizer"]
+def compile_lark(tokenizer, vocab_size: int, eos_ids: list[int], lark: str) -> CompiledGrammar:
+    """An llguidance Lark grammar (e.g. a forced tool call's, mtplx/chat/call_grammar.py)."""
+    llg = _llg()
+    grammar = llg.LLMatcher.grammar_from_lark(lark)
+    tok = llg_tokenizer(tokenizer, vocab_size, eos_ids)
+    bad, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, tok)
+    if bad:
+        raise GrammarError(messages[0] if messages else "grammar rejected")
+    return CompiledGrammar(tok, grammar)
+
+
+__all__ = ["GrammarError", "CompiledGrammar", "compile_json", "compile_lark", "llg_tokenizer"]

@@ -10,6 +10,7 @@ Each API only renders these events in its own wire format.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -22,6 +23,8 @@ from mtplx.chat.tools import Tool, ToolCall, ToolChoice
 from mtplx.server.common import DoneEvent, StepEvent, job_events, make_params, resolve_max_tokens, submit, tokenize
 from mtplx.server.engine import GenStats, Job
 from mtplx.server.errors import APIError
+
+log = logging.getLogger("mtplx.server")
 
 
 @dataclass
@@ -83,8 +86,23 @@ async def start_chat(st, conv: Conversation, requested: int | None, sampling: di
     prompt_ids, prompt = await tokenize(_build, st.engine.model, conv)
     max_tokens = resolve_max_tokens(requested, len(prompt_ids), st.engine.model.max_context, st.max_tokens_cap)
     stops = list(sampling.pop("stop", None) or [])
+    if prompt.call_grammar and sampling.get("grammar") is None:
+        sampling["grammar"] = _call_grammar(st.engine.model, prompt.call_grammar)
     params = make_params(max_tokens=max_tokens, stop=stops + [s for s in prompt.stops if s not in stops], **sampling)
     return ChatRun(submit(st.engine, prompt_ids, params), prompt, prompt_ids, id_prefix, stops)
+
+
+def _call_grammar(model, lark: str):
+    """A forced call's argument grammar for this model, or None (logged) when it cannot be built:
+    the call is then generated unconstrained and parsed as always."""
+    compile_lark = getattr(model, "compile_lark", None)
+    if compile_lark is None:
+        return None
+    try:
+        return compile_lark(lark)
+    except Exception as e:  # noqa: BLE001 - a schema the grammar engine cannot express
+        log.warning("forced tool call: arguments not constrained (%s: %s)", type(e).__name__, str(e)[:200])
+        return None
 
 
 async def chat_events(run: ChatRun, request: Request | None = None, metrics=None) -> AsyncIterator[Any]:

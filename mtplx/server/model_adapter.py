@@ -74,6 +74,11 @@ class MtplxModelAdapter:
 
         return compile_json(self.tokenizer, self.vocab_size, self.model.eos_token_ids, schema)
 
+    def compile_lark(self, lark: str):
+        from mtplx.decoding.grammar import compile_lark
+
+        return compile_lark(self.tokenizer, self.vocab_size, self.model.eos_token_ids, lark)
+
     @staticmethod
     def gen_step(step) -> GenStep:  # mtplx.decoding.loop.GenerationStep -> GenStep
         lps = None if step.logprob is None else [(step.token_id, step.logprob, step.top_logprobs or [])]
