@@ -94,7 +94,6 @@ class Generation:
         self._q = None
         self._blocks = None
         self._t0 = self._t_first = None
-        self._t_cycle = 0.0
 
     def _install_processors(self, grammar: Any) -> None:
         """Penalties and a grammar (an llguidance matcher) run inside the session, at each drafted

@@ -21,7 +21,7 @@ import os
 import queue
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from .cache import Block
 

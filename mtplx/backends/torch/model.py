@@ -469,7 +469,7 @@ class GatedDeltaNet(nn.Module):
         and states get the bits they get alone)."""
         mixed, z, beta, g = self._inputs(x, ops)
         if len(lengths) == 1:  # decode / verify of one sequence
-            return self._out(self._one(mixed, q_k_v=None, beta=beta, g=g, cache=caches[0], ops=ops), z, x.dtype, ops)
+            return self._out(self._one(mixed, beta, g, caches[0], ops), z, x.dtype, ops)
         starts = [sum(lengths[:i]) for i in range(len(lengths))]
         o = torch.empty(x.shape[0], self.nv, self.dv, dtype=torch.float32, device=x.device)
         groups: dict[int, list[int]] = {}
@@ -481,7 +481,7 @@ class GatedDeltaNet(nn.Module):
             if big or len(members) == 1:  # stacking would copy more than the ops it saves
                 for i in members:
                     a = starts[i]
-                    o[a:a + T] = self._one(mixed[a:a + T], None, beta[a:a + T], g[a:a + T], caches[i], ops)
+                    o[a:a + T] = self._one(mixed[a:a + T], beta[a:a + T], g[a:a + T], caches[i], ops)
                 continue
             n, nv = len(members), self.nv
             rows = torch.cat([torch.arange(starts[i], starts[i] + T, device=x.device) for i in members])
@@ -499,7 +499,7 @@ class GatedDeltaNet(nn.Module):
                 caches[i].record(m_rows[j], [st[j * nv:(j + 1) * nv] for st in states])
         return self._out(o, z, x.dtype, ops)
 
-    def _one(self, mixed, q_k_v, beta, g, cache, ops: Ops):
+    def _one(self, mixed, beta, g, cache, ops: Ops):
         """One sequence's conv + recurrence (the same ops as a stacked group of one) -> o [T, nv, dv]."""
         T = mixed.shape[0]
         xx = torch.cat([cache.conv.to(mixed.dtype), mixed], dim=0)
