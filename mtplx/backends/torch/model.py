@@ -79,25 +79,35 @@ def plain_ew(fn, x: torch.Tensor) -> torch.Tensor:
     return fn(x)
 
 
+EW_GRAIN = 32768  # ATen splits an elementwise op across threads from this many elements
+
+
 def exact_ew(fn, x: torch.Tensor) -> torch.Tensor:
     """Apply an elementwise transcendental op (exp, sigmoid, silu, softplus, ...) to x [T, ...] so
     that row i gets the bits a 1-row call would give. ATen runs contiguous elementwise ops as one
     flat SIMD loop with a scalar tail (and splits big ones across threads), and the SIMD and scalar
     exp differ in the last bit: rows are aligned when each row is a multiple of 64 elements and
     the op stays single-threaded. Narrower rows are zero-padded to a multiple of 64 (for every T,
-    1 included, so decode takes the same SIMD path as verify); big ones run row by row."""
+    1 included, so decode takes the same SIMD path as verify); many rows run in chunks that stay
+    under ATen's grain (a batched verify of 8 x 4 rows: 2 calls, not 32)."""
     T = x.shape[0]
     W = x[0].numel() if T else 0
-    if W % 64 == 0 and x.is_contiguous() and x.numel() < 32768:
-        return fn(x)
-    if W % 64 == 0 or W >= 32768:
-        return torch.cat([fn(x[i:i + 1]) for i in range(T)])
+    if W % 64 == 0:
+        return _ew_chunks(fn, x.contiguous(), W)
     Wp = W + (-W) % 64
     buf = x.new_zeros(T, Wp)
     buf[:, :W] = x.reshape(T, W)
-    if T * Wp < 32768:
-        return fn(buf)[:, :W].reshape(x.shape)
-    return torch.cat([fn(buf[i:i + 1]) for i in range(T)])[:, :W].reshape(x.shape)
+    return _ew_chunks(fn, buf, Wp)[:, :W].reshape(x.shape)
+
+
+def _ew_chunks(fn, x: torch.Tensor, W: int) -> torch.Tensor:
+    """fn over x [T, ...] (contiguous, W elements per row, W % 64 == 0) in chunks of whole rows of
+    fewer than EW_GRAIN elements (one row per chunk when a row alone reaches it)."""
+    per = max(1, (EW_GRAIN - 1) // W)
+    T = x.shape[0]
+    if T <= per:
+        return fn(x)
+    return torch.cat([fn(x[i:i + per]) for i in range(0, T, per)])
 
 
 class Ops:
