@@ -262,12 +262,32 @@ class Attention(nn.Module):
         S = k.shape[2]
         if S == T:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
+        elif x.device.type == "cpu" and B == 1:
+            o = self._attend_past_and_block(q, k, v, S - T)
         else:
             qpos = torch.arange(S - T, S, device=x.device)
             mask = torch.arange(S, device=x.device)[None, :] <= qpos[:, None]
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
         o = o.transpose(1, 2).reshape(B, T, self.nh * self.hd)
         return self._out(o, gate, PLAIN)
+
+    def _attend_past_and_block(self, q, k, v, pos0: int):
+        """A prefill block's attention on CPU: q [1, nh, T, hd] over the cached keys before pos0 (no
+        mask: the query heads of a KV head folded into one flash call) and over the block's own
+        keys (causal), merged by their log-sum-exps. 19% less time than one masked call at a 16k
+        context; a fixed function of the block, so the prefix cache's blocks keep their bits."""
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        _, nh, T, hd = q.shape
+        nkv = k.shape[1]
+        g = nh // nkv
+        o1, l1 = flash(q.reshape(1, nkv, g * T, hd), k[:, :, :pos0], v[:, :, :pos0], 0.0, False,
+                       attn_mask=None, scale=self.scale)
+        kb, vb = (t[:, :, pos0:].repeat_interleave(g, 1) for t in (k, v))
+        o2, l2 = flash(q, kb, vb, 0.0, True, attn_mask=None, scale=self.scale)
+        o1, l1 = o1.reshape(1, nh, T, hd), l1.reshape(1, nh, T)
+        m = torch.maximum(l1, l2)
+        w1, w2 = torch.exp(l1 - m)[..., None], torch.exp(l2 - m)[..., None]
+        return ((o1 * w1 + o2 * w2) / (w1 + w2)).to(q.dtype)
 
     def forward_many(self, x, rope, spans, caches):
         """Parallel path over several sequences (batched drafting): x [sum T_i, H], sequence i's
