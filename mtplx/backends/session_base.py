@@ -171,50 +171,31 @@ class SessionBase:
             self._pend_x.append(tok)
         return tok
 
-    def _run_head(self):
-        """Run the pending complete pairs through the head (one batched forward) and return
-        (g [1, H], u [1, H], logits [V]) of the last one; a hidden without its token stays pending."""
+    def _take_pending(self):
+        """The pending complete pairs as one head batch (hid [n, H], ids [n], head position), the
+        bookkeeping moved past them; None when there are none. A hidden without its token stays."""
         n = len(self._pend_x)
         if n == 0:
             return None
         H = self._cat(self._pend_h) if len(self._pend_h) > 1 else self._pend_h[0]
-        g, u, logits = self._head_rows(H[:n], self._ids(self._pend_x), self.head_len)
-        self._materialize(g, u, logits)
+        batch = (H[:n], self._ids(self._pend_x), self.head_len)
         self.head_len += n
         self._pend_h = [H[n:]] if H.shape[0] > n else []
         self._pend_x = []
+        return batch
+
+    def _run_head(self):
+        """Run the pending complete pairs through the head (one batched forward) and return
+        (g [1, H], u [1, H], logits [V]) of the last one."""
+        batch = self._take_pending()
+        if batch is None:
+            return None
+        g, u, logits = self._head_rows(*batch)
+        self._materialize(g, u, logits)
         return g[-1:], u[-1:], logits[-1]
 
     def draft(self, depth: int, params: SamplingParams, rng: Any):
-        if depth <= 0:
-            return [], None
-        if not self.has_head:
-            raise RuntimeError("draft: this model has no MTP head (load a checkpoint with mtp.* weights or graft one)")
-        if self.last is None:
-            raise RuntimeError("draft: call prefill and sample_first first")
-        if self.pos + depth + 1 > self.max_context:
-            raise ValueError(f"context limit: drafting {depth} tokens at position {self.pos} exceeds "
-                             f"the context of {self.max_context} positions")
-        base = self.head_len + len(self._pend_x)  # == pos: head position of the pair (h[pos-1], last)
-        g, u, logits = self._run_head()
-        drafted, rows = [], []
-        confidence = 1.0
-        for j in range(depth):
-            if self.processor is not None:
-                logits = self.processor.draft(logits, drafted)
-            tok, q = self.sampling.draft_token(logits, params, rng)
-            drafted.append(tok)
-            rows.append(q)
-            if j + 1 == depth:
-                break
-            if params.draft_cutoff > 0:  # adaptive length: stop on a doubtful path
-                confidence *= self.sampling.draft_prob(logits, tok, q)
-                if confidence < params.draft_cutoff:
-                    break
-            # draft-time entry at head position base + j (dropped at commit)
-            g, u, lg = self._head_rows(self._hid(g, u), self._ids([tok]), base + j)
-            logits = lg[-1]
-        return drafted, self.sampling.stack_draft_probs(rows)
+        return type(self).draft_many([self], [depth], [params], [rng])[0]
 
     def prompt_logprobs(self, prompt_ids: list[int], k: int) -> list:
         """Raw log-probabilities of prompt tokens 1..P-1 (each under the logits of the position
@@ -224,58 +205,53 @@ class SessionBase:
 
     @classmethod
     def draft_many(cls, sessions: list, depths: list[int], params: list[SamplingParams], rngs: list) -> list:
-        """`draft` of several sessions whose drafts decide no token (greedy requests: verify
-        alone picks every token), their head rows batched into one head forward per draft step
-        (`_head_rows_many`). Sampled requests must draft alone: their drafts' bits are part of
-        their output. -> [(drafted, q)] per session."""
-        out: list = [([], None)] * len(sessions)
-        live, rows, conf, base, last = [], {}, {}, {}, {}
+        """Draft for several sessions of one model -> [(drafted, q)] per session. Each cycle
+        starts with the head over the session's pending verified pairs (whose last row, the pair
+        (h[pos-1], last), gives the first draft), then one head row per further draft, at head
+        position pos + j (draft-time entries, dropped at commit). The sessions' rows of a step go
+        through one head forward (`_head_rows_many`, batched by the backend when there are
+        several): only for requests whose drafts decide no token (greedy), since a batched head
+        forward need not give a session the bits it gets alone. A draft may stop early:
+        params.draft_cutoff (adaptive length) stops a doubtful path."""
+        n = len(sessions)
+        drafted: list[list[int]] = [[] for _ in range(n)]
+        rows: list[list] = [[] for _ in range(n)]
+        conf, base, pending = [1.0] * n, [0] * n, []
         for i, (s, d) in enumerate(zip(sessions, depths)):
             if d <= 0:
                 continue
-            if not s.has_head or s.last is None:
-                raise RuntimeError("draft: needs an MTP head, prefill and sample_first")
+            if not s.has_head:
+                raise RuntimeError("draft: this model has no MTP head (load a checkpoint with mtp.* weights or graft one)")
+            if s.last is None:
+                raise RuntimeError("draft: call prefill and sample_first first")
             if s.pos + d + 1 > s.max_context:
                 raise ValueError(f"context limit: drafting {d} tokens at position {s.pos} exceeds "
                                  f"the context of {s.max_context} positions")
-            live.append(i)
-        items = []
-        for i in live:  # the pending verified pairs of each, as `_run_head` takes them
-            s = sessions[i]
-            n = len(s._pend_x)
-            H = s._cat(s._pend_h) if len(s._pend_h) > 1 else s._pend_h[0]
-            base[i] = s.head_len + n
-            items.append((s, H[:n], s._ids(s._pend_x), s.head_len))
-            s.head_len += n
-            s._pend_h = [H[n:]] if H.shape[0] > n else []
-            s._pend_x = []
-            rows[i], conf[i] = [], 1.0
-        j = 0
-        while items:
-            results = cls._head_rows_many(items)
-            for (s, *_), r in zip(items, results):
-                last[id(s)] = r
-            items = []
-            for i in live:
+            base[i] = s.head_len + len(s._pend_x)  # == pos: head position of the pair (h[pos-1], last)
+            batch = s._take_pending()
+            if batch is None:  # sample_first and commit always leave the pair (h[pos-1], last)
+                raise RuntimeError("draft: no verified pair is pending (call sample_first or commit first)")
+            pending.append((i, *batch))
+        while pending:
+            results = cls._head_rows_many([(sessions[i], *rest) for i, *rest in pending])
+            step = []
+            for (i, *_), (g, u, logits) in zip(pending, results):
                 s = sessions[i]
-                if len(rows[i]) > j or id(s) not in last:
-                    continue
-                g, u, logits = last.pop(id(s))
                 if s.processor is not None:
-                    logits = s.processor.draft(logits, out[i][0])
+                    logits = s.processor.draft(logits, drafted[i])
                 tok, q = s.sampling.draft_token(logits, params[i], rngs[i])
+                drafted[i].append(tok)
                 rows[i].append(q)
-                out[i] = (out[i][0] + [tok], None)
-                if j + 1 == depths[i]:
+                if len(drafted[i]) == depths[i]:
                     continue
-                if params[i].draft_cutoff > 0:
+                if params[i].draft_cutoff > 0:  # adaptive length: stop on a doubtful path
                     conf[i] *= s.sampling.draft_prob(logits, tok, q)
                     if conf[i] < params[i].draft_cutoff:
                         continue
-                items.append((s, s._hid(g, u), s._ids([tok]), base[i] + j))
-            j += 1
-        return [(d, sessions[i].sampling.stack_draft_probs(rows[i]) if i in rows else None)
-                for i, (d, _) in enumerate(out)]
+                # draft-time entry at head position base + j (dropped at commit)
+                step.append((i, s._hid(g, u), s._ids([tok]), base[i] + len(drafted[i]) - 1))
+            pending = step
+        return [(d, sessions[i].sampling.stack_draft_probs(rows[i]) if d else None) for i, d in enumerate(drafted)]
 
     def _block_context(self, full: bool):
         """Context of one prefill block (full: B tokens, else the prompt's tail); a backend may

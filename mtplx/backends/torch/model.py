@@ -507,6 +507,7 @@ class GatedDeltaNet(nn.Module):
             groups.setdefault(T, []).append(i)
         w_t = self.conv_w.float().t()
         big = self.nv * self.dk * self.dv >= STACK_STATE_MAX
+        decay = None if big else exact_ew(torch.exp, g)  # once for every stacked group
         for T, members in groups.items():
             if big or len(members) == 1:  # stacking would copy more than the ops it saves
                 for i in members:
@@ -522,7 +523,7 @@ class GatedDeltaNet(nn.Module):
             q, k, v = (t.reshape(n, T, *t.shape[1:]) for t in (q, k, v))
             S = torch.stack([caches[i].state for i in members])  # [n, nv, dk, dv]
             states = _recurrence(S, q, k, v, beta[rows].reshape(n, T, nv),
-                                 exact_ew(torch.exp, g)[rows].reshape(n, T, nv))  # T x [n*nv, dk, dv]
+                                 decay[rows].reshape(n, T, nv))  # T x [n*nv, dk, dv]
             St = (torch.stack(states) if T > 1 else states[0][None]).reshape(T, n, nv, self.dk, self.dv).transpose(0, 1)
             o[rows] = torch.matmul(q[:, :, :, None, :], St)[:, :, :, 0].reshape(n * T, nv, self.dv)
             for j, i in enumerate(members):
