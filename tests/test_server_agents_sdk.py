@@ -18,7 +18,7 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 anthropic = pytest.importorskip("anthropic")
 
-from mtplx.server.testing import ServerProcess  # noqa: E402
+from mtplx.server.testing import ServerProcess, sdk_clients  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "agent_requests"
 
@@ -93,14 +93,12 @@ def big_server():
 
 @pytest.fixture(scope="module")
 def oai(server):
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=30,
-                         _strict_response_validation=True)
+    return sdk_clients(server.base_url, timeout=30)[0]
 
 
 @pytest.fixture(scope="module")
 def ant(server):
-    return anthropic.Anthropic(base_url=server.base_url, api_key="unused", max_retries=0, timeout=30,
-                               _strict_response_validation=True)
+    return sdk_clients(server.base_url, timeout=30)[1]
 
 
 @pytest.fixture(scope="module")

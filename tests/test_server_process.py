@@ -15,7 +15,7 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 anthropic = pytest.importorskip("anthropic")
 
-from mtplx.server.testing import ServerProcess  # noqa: E402
+from mtplx.server.testing import ServerProcess, sdk_clients  # noqa: E402
 
 DEPTH = 2
 MAX_CAP = 8  # --max-tokens: default completion length when a request gives none
@@ -50,14 +50,12 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def oai(server):
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=60,
-                         _strict_response_validation=True)
+    return sdk_clients(server.base_url, timeout=60)[0]
 
 
 @pytest.fixture(scope="module")
 def ant(server):
-    return anthropic.Anthropic(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60,
-                               _strict_response_validation=True)
+    return sdk_clients(server.base_url, timeout=60)[1]
 
 
 USER = [{"role": "user", "content": "Tell me a story."}]

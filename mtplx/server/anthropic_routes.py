@@ -34,14 +34,18 @@ def _system_text(system) -> str:
     return "".join(b.text for b in system)
 
 
-def _user_blocks(m: AMessage, i: int, open_ids: set[str]) -> list[dict]:
-    out, text = [], []
+def _other_blocks(m: AMessage, i: int, text: list[str]):
+    """Message i's text blocks into `text`; yields (where, block, its fields) for the others."""
     for j, b in enumerate(m.content):
-        where = f"messages.{i}.content.{j}"
         if isinstance(b, ATextBlock):
             text.append(b.text)
-            continue
-        x = _extra(b)
+        else:
+            yield f"messages.{i}.content.{j}", b, _extra(b)
+
+
+def _user_blocks(m: AMessage, i: int, open_ids: set[str]) -> list[dict]:
+    out, text = [], []
+    for where, b, x in _other_blocks(m, i, text):
         if b.type != "tool_result":
             raise APIError(400, f"'{where}': content block type '{b.type}' is not supported in a user turn "
                                 f"(text and tool_result only)", param=where)
@@ -58,12 +62,7 @@ def _user_blocks(m: AMessage, i: int, open_ids: set[str]) -> list[dict]:
 
 def _assistant_blocks(m: AMessage, i: int, open_ids: set[str]) -> dict:
     text, reasoning, calls = [], [], []
-    for j, b in enumerate(m.content):
-        where = f"messages.{i}.content.{j}"
-        if isinstance(b, ATextBlock):
-            text.append(b.text)
-            continue
-        x = _extra(b)
+    for where, b, x in _other_blocks(m, i, text):
         if b.type == "thinking":
             reasoning.append(str(x.get("thinking") or ""))
         elif b.type == "redacted_thinking":

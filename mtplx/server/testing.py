@@ -57,3 +57,15 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+
+
+def sdk_clients(base_url: str, timeout: float = 60.0):
+    """The openai and anthropic SDK clients of the tests, in strict response validation (every
+    field of every response checked against the SDK's own types), no retries."""
+    import anthropic
+    import openai
+
+    return (openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=timeout,
+                          _strict_response_validation=True),
+            anthropic.Anthropic(base_url=base_url, api_key="unused", max_retries=0, timeout=timeout,
+                                _strict_response_validation=True))
