@@ -37,7 +37,7 @@ CASES = [("dense", None), ("moe", None), ("moe", 0.0), ("moe", 1e-7), ("next", N
 
 def need_kernel(kernel):
     if kernel == "rowmm" and not rowmm_available():
-        pytest.skip("rowmm kernel not built (set MTPLX_BUILD_KERNEL=1 to build it)")
+        pytest.skip("no fixed-order kernel on this CPU / without a compiler")
 
 
 ROWMM_CASES = [("dense", None, torch.bfloat16), ("moe", 0.0, torch.float32)]
@@ -178,21 +178,128 @@ def test_sessions_are_independent():
     assert torch.equal(la, lc)
 
 
-def test_rowmm_kernel_matches_torch_and_is_row_invariant():
-    if not rowmm_available():
-        pytest.skip("rowmm kernel not built")
-    from mtplx.backends.torch.kernels import get_rowmm
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 
-    f = get_rowmm()
+
+def _kernel_weight(dt, N, K, g):
+    """(weight, scale or None, the fp32 matrix it stands for)."""
+    w = torch.randn(N, K, generator=g)
+    if dt == torch.int8:
+        q = (w * 40).round().clamp(-127, 127).to(torch.int8)
+        scale = torch.rand(N, generator=g) + 0.5
+        return q, scale, q.float() * scale[:, None]
+    return w.to(dt), None, w.to(dt).float()
+
+
+@pytest.mark.parametrize("dt", KERNEL_DTYPES, ids=str)
+def test_rowmm_kernel_matches_linear_and_is_row_and_thread_invariant(dt):
+    """Every row of an M-row call (M = 1..16) equals the same row alone, bit for bit, at 1 and 2
+    threads and with a parallel split forced on small matrices; odd K and N (tails); the result
+    agrees with F.linear within fp32 rounding."""
+    if not rowmm_available():
+        pytest.skip("no fixed-order kernel on this CPU / without a compiler")
+    from mtplx.backends.torch import kernels
+
+    f = kernels.get_rowmm()
     g = torch.Generator().manual_seed(0)
-    for dt in (torch.float32, torch.bfloat16, torch.float16):
-        w = torch.randn(37, 96, generator=g).to(dt)
-        x = torch.randn(7, 96, generator=g)
-        y = f(x, w)
-        assert torch.allclose(y, x @ w.float().T, atol=1e-4, rtol=1e-4)
-        for m in range(1, 8):
-            assert torch.equal(f(x[:m].contiguous(), w), y[:m])
-        assert torch.equal(f(x[3:4].contiguous(), w)[0], y[3])
+    prev, prev_par = torch.get_num_threads(), kernels.PAR_MIN_BYTES
+    try:
+        for N, K in ((37, 96), (41, 101), (9, 7), (260, 515)):
+            w, scale, ref = _kernel_weight(dt, N, K, g)
+            x = torch.randn(16, K, generator=g)
+            torch.set_num_threads(1)
+            y = f(x, w, scale)
+            assert torch.allclose(y, x @ ref.T, atol=2e-4 * K ** 0.5, rtol=1e-4), (dt, N, K)
+            alone = torch.stack([f(x[r:r + 1].contiguous(), w, scale)[0] for r in range(16)])
+            assert torch.equal(y, alone), (dt, N, K)
+            for m in range(1, 17):
+                assert torch.equal(f(x[:m].contiguous(), w, scale), y[:m]), (dt, N, K, m)
+            torch.set_num_threads(2)
+            for par in (prev_par, 1):  # 1 byte: every 8-column block its own parallel chunk
+                kernels.PAR_MIN_BYTES = par
+                fn = kernels._state.pop("fn"), kernels._state.pop("isa")
+                try:
+                    f2 = kernels.get_rowmm()
+                    for m in (1, 3, 4, 5, 16):
+                        assert torch.equal(f2(x[:m].contiguous(), w, scale), y[:m]), (dt, N, K, m, par)
+                finally:
+                    kernels._state["fn"], kernels._state["isa"] = fn
+    finally:
+        torch.set_num_threads(prev)
+        kernels.PAR_MIN_BYTES = prev_par
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe", "next"])
+def test_fused_kernel_path_matches_torch_path_and_verify_equals_decode(kind):
+    """The compiled exact path (fixed-order matmuls + the fused GatedDeltaNet step) computes the
+    same function as the pure-torch one (fp32 logits within 1e-4) and keeps a 6-row verify equal
+    to six one-token decodes, bit for bit."""
+    if not rowmm_available():
+        pytest.skip("no fixed-order kernel on this CPU / without a compiler")
+    from mtplx.backends.torch.kernels import get_gdn_core
+
+    assert get_gdn_core() is not None
+    p, toks = prompt(20, seed=3), prompt(6, seed=4)
+    got = {}
+    for kernel in ("torch", "rowmm"):
+        m = our_model(kind, torch.float32, kernel=kernel)
+        s = m.new_session()
+        s.prefill(p)
+        s.last = toks[0]
+        got[kernel] = s.verify(toks[1:])
+    ref, _ = decode_chain(our_model(kind, torch.float32, kernel="rowmm"), p, toks)
+    for i in range(6):
+        assert torch.equal(got["rowmm"][i], ref[i]), (kind, i)
+    assert torch.allclose(got["rowmm"], got["torch"], atol=1e-4, rtol=1e-4), (got["rowmm"] - got["torch"]).abs().max()
+
+
+def test_rowmm_isa_choice_and_fallback(monkeypatch):
+    """MTPLX_KERNEL_ISA picks the build (a CPU without it gets none), MTPLX_NO_KERNEL turns the
+    kernel off, and a model asking for "auto" then runs the pure-torch exact path."""
+    from mtplx.backends.torch import kernels
+
+    flags = kernels._cpu_flags()
+    monkeypatch.setenv("MTPLX_KERNEL_ISA", "avx2")
+    assert kernels.kernel_isa() == ("avx2" if {"avx2", "fma", "f16c"} <= flags else None)
+    monkeypatch.setenv("MTPLX_KERNEL_ISA", "neon")
+    assert kernels.kernel_isa() is None
+    monkeypatch.delenv("MTPLX_KERNEL_ISA")
+    saved = dict(kernels._state)
+    kernels._state.clear()
+    monkeypatch.setenv("MTPLX_NO_KERNEL", "1")
+    try:
+        assert kernels.get_rowmm() is None and "MTPLX_NO_KERNEL" in kernels.kernel_error()
+        from test_torch_common import checkpoint
+
+        from mtplx.backends.torch.loader import load_torch_model
+
+        m = load_torch_model(checkpoint("dense", 0, None, None).path, dtype=torch.float32, progress=False)
+        assert m.kernel == "torch"
+        with pytest.raises(RuntimeError, match="unavailable"):
+            m.set_kernel("rowmm")
+    finally:
+        kernels._state.clear()
+        kernels._state.update(saved)
+
+
+def test_rowmm_avx2_build_when_forced():
+    """The AVX2 build (what an AVX2-only CPU gets) in a fresh process: row invariant and close to
+    the AVX-512 one. Skipped where the CPU lacks AVX2 or the kernel cannot build."""
+    import subprocess
+    import sys
+
+    from mtplx.backends.torch import kernels
+
+    if not {"avx2", "fma", "f16c"} <= kernels._cpu_flags() or not rowmm_available():
+        pytest.skip("no AVX2 or no compiler")
+    code = ("import torch; from mtplx.backends.torch import kernels as k; f = k.get_rowmm(); "
+            "assert k.active_isa() == 'avx2', k.kernel_error(); g = torch.Generator().manual_seed(1); "
+            "w = torch.randn(19, 45, generator=g).bfloat16(); x = torch.randn(6, 45, generator=g); y = f(x, w); "
+            "assert all(torch.equal(f(x[i:i+1].contiguous(), w)[0], y[i]) for i in range(6)); "
+            "assert torch.allclose(y, x @ w.float().T, atol=1e-4); print('ok')")
+    env = {**__import__("os").environ, "MTPLX_KERNEL_ISA": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 
 # ---- batched exact-path pieces: attention key tiles, dense MoE, padded elementwise ops -------

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from mtplx.cli.options import add_drafting_args, add_quantize_arg, load_options
+from mtplx.cli.options import add_drafting_args, add_torch_args, load_options
 
 HELP = "measure MTP speedup over plain decoding (interleaved runs, one table)"
 
@@ -29,7 +29,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for small CPU models, else torch's choice; $MTPLX_THREADS)")
-    add_quantize_arg(p)
+    add_torch_args(p)
     add_drafting_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 

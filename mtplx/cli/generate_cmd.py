@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from mtplx.cli.options import add_drafting_args, add_quantize_arg, load_options
+from mtplx.cli.options import add_drafting_args, add_torch_args, load_options
 
 HELP = "generate text with MTP speculative decoding (or plain decoding with --depth 0)"
 
@@ -41,7 +41,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1")
-    add_quantize_arg(p)
+    add_torch_args(p)
     add_drafting_args(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for small CPU models, else torch's choice; $MTPLX_THREADS)")
     p.add_argument("--cache-dir", default=None, metavar="DIR",

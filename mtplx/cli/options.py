@@ -13,9 +13,12 @@ def add_drafting_args(p: argparse.ArgumentParser) -> None:
                    help="torch: lm_head precision of MTP drafting (auto: int8 on CPU; drafts only, output stays exact)")
 
 
-def add_quantize_arg(p: argparse.ArgumentParser) -> None:
+def add_torch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="torch: weight-only int8 on load (faster CPU decode; still exact MTP vs depth 0)")
+    p.add_argument("--kernel", choices=["auto", "rowmm", "torch"], default=None,
+                   help="torch: decode/verify matmuls; auto (default, or $MTPLX_KERNEL): the compiled fixed-order "
+                        "CPU kernel (AVX-512 / AVX2) where it builds, else torch's own with row padding")
 
 
 def load_options(args: argparse.Namespace) -> dict:
@@ -23,6 +26,8 @@ def load_options(args: argparse.Namespace) -> dict:
     options = {}
     if args.quantize:
         options["quantize"] = args.quantize
+    if getattr(args, "kernel", None):
+        options["kernel"] = args.kernel
     if args.draft_lm_head:
         options["draft_lm_head"] = args.draft_lm_head
     return options

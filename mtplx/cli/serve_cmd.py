@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from mtplx.cli.options import add_drafting_args, add_quantize_arg, load_options
+from mtplx.cli.options import add_drafting_args, add_torch_args, load_options
 
 HELP = "serve a model over an OpenAI- and Anthropic-compatible HTTP API"
 
@@ -66,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also keep blocks on disk in DIR (safetensors; survives restarts; one model per DIR)")
     g.add_argument("--cache-disk-gb", type=float, default=None, metavar="GB",
                    help="disk budget of --cache-dir (default: 4x --cache-gb)")
-    add_quantize_arg(p)
+    add_torch_args(p)
     add_drafting_args(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 

@@ -38,6 +38,7 @@ def model_identity(model, block: int) -> dict:
 
         ident["framework"] = f"torch {torch.__version__}"
         ident["threads"] = getattr(model.model, "prefill_threads", None) or torch.get_num_threads()  # blocks' bits
+        ident["kernel"] = getattr(model.model, "kernel", "torch")
     else:
         import mlx.core as mx
 

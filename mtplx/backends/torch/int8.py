@@ -50,6 +50,12 @@ class Int8Weight:
     def __getitem__(self, idx) -> "Int8Weight":  # experts: w[e]
         return Int8Weight(self.q[idx], self.scale[idx])
 
+    @property
+    def scale_f32(self) -> torch.Tensor:  # the fixed-order kernel's scales (kernels.py)
+        if getattr(self, "_scale_f32", None) is None:
+            self._scale_f32 = self.scale.float().contiguous()
+        return self._scale_f32
+
     def dequantize(self) -> torch.Tensor:
         return self.q.to(self.scale.dtype) * self.scale[..., None]
 

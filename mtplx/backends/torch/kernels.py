@@ -1,141 +1,351 @@
-"""Optional CPU kernel for the exact path: a few-row matmul whose per-row arithmetic is fixed.
+"""CPU kernel of the exact path: a few-row matmul whose per-row arithmetic is fixed.
 
-`rowmm(x [M, K] fp32, w [N, K] fp32|bf16|fp16) -> y [M, N] fp32`: every output y[r, n] is ONE
-fixed sequence of 8-lane FMAs over K followed by a fixed horizontal sum, whatever M, the other
-rows, the blocking or the thread split. So verify rows are bit-identical to decode by
-construction, and the weight matrix is streamed once for up to M rows (verify costs about what
-decode costs while memory-bound). bf16/fp16 weights are widened in registers (AVX2 + FMA + F16C).
+`rowmm(x [M, K] fp32, w [N, K] fp32|bf16|fp16|int8, scale [N] fp32 or empty) -> y [M, N] fp32`:
+every output y[r, n] is ONE fixed sequence of L-lane FMAs over K (a zero-padded last chunk when
+K is not a multiple of L), then a fixed horizontal sum (then * scale[n] for int8), whatever M,
+the other rows, the tiling or the thread split. So verify rows are bit-identical to decode by
+construction, and each weight tile is read from memory once for all M rows (the other row
+groups find it in cache): verify costs about what decode costs while memory-bound.
 
-Built on first use with torch.utils.cpp_extension (needs a C++ compiler and ninja); when that
-is not possible, or the CPU lacks AVX2/FMA, `get_rowmm()` returns None and the model keeps the
-pure-torch exact path (row padding, see model.ROW_GROUP). Disable with MTPLX_NO_KERNEL=1.
+Two builds of one source, chosen at run time from the CPU's flags:
+  avx512   L = 16 (AVX-512 F/BW + FMA + F16C), 4 x 4 register tiles;
+  avx2     L = 8 (AVX2 + FMA + F16C), 4 x 2 tiles.
+The two give different bits from each other (lane count), never within one process.
+`MTPLX_KERNEL_ISA=avx2` forces the AVX2 build; `MTPLX_NO_KERNEL=1` disables the kernel (the
+model keeps the pure-torch exact path: row padding, model.ROW_GROUP); other CPUs (ARM, old
+x86) get that fallback too.
+
+Threads: columns are split across torch's intra-op threads (OpenMP), in chunks of at least
+PAR_MIN_BYTES of weight, so the default model's tiny matrices stay on one thread (a fork costs
+more than they do) while the 0.8B shape's matrices use every thread.
+
+Built on first use with torch.utils.cpp_extension (a C++ compiler and ninja; ~40 s, cached in
+torch's extension folder). Why not a prebuilt wheel: a torch C++ extension is tied to the exact
+torch version it was built against, and mtplx accepts a range of torch versions.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 import torch
+
+PAR_MIN_BYTES = int(os.environ.get("MTPLX_KERNEL_PAR_BYTES", 256 << 10))
 
 _SRC = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <cmath>
+#include <cstring>
+#include <vector>
 
-static inline __m256 ld8(const float* p) { return _mm256_loadu_ps(p); }
-static inline __m256 ld8(const at::BFloat16* p) {
+#if defined(MTPLX_AVX512)
+typedef __m512 V;
+#define LANES 16
+#define NB4 4   // columns per tile when 4 rows share it (16 accumulators of 32 registers)
+#define NB3 4
+static inline V vzero() { return _mm512_setzero_ps(); }
+static inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+static inline V ldx(const float* p) { return _mm512_loadu_ps(p); }
+static inline V ldw(const float* p) { return _mm512_loadu_ps(p); }
+static inline V ldw(const at::BFloat16* p) {
+  __m512i i = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(i, 16));
+}
+static inline V ldw(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+static inline V ldw(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
+static inline __m256 fold(V v) { return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)); }
+#else
+typedef __m256 V;
+#define LANES 8
+#define NB4 2   // 8 accumulators of 16 registers
+#define NB3 2
+static inline V vzero() { return _mm256_setzero_ps(); }
+static inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+static inline V ldx(const float* p) { return _mm256_loadu_ps(p); }
+static inline V ldw(const float* p) { return _mm256_loadu_ps(p); }
+static inline V ldw(const at::BFloat16* p) {
   __m256i i = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(i, 16));
 }
-static inline __m256 ld8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+static inline V ldw(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+static inline V ldw(const int8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))); }
+static inline __m256 fold(V v) { return v; }
+#endif
 
-static inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+static inline float hsum(V v) {
+  __m256 h = fold(v);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
 
-// NB output columns x R rows; acc[j][r] is the whole dot product of w row n0+j and x row r.
+// NB columns x R rows. x rows are zero-padded to Kp (a multiple of LANES); a weight row's
+// last partial chunk is copied into a zeroed buffer. acc[j][r] is the whole dot product.
 template <typename W, int NB, int R>
-static inline void tile(const float* x, int64_t K, const W* w, float* y, int64_t n0, int64_t ldy) {
-  __m256 acc[NB][R];
-  for (int j = 0; j < NB; j++) for (int r = 0; r < R; r++) acc[j][r] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 8) {
-    __m256 xv[R];
-    for (int r = 0; r < R; r++) xv[r] = _mm256_loadu_ps(x + r * K + k);
+static inline void tile(const float* x, int64_t Kp, int64_t K, const W* w, float* y, int64_t ldy, const float* scale) {
+  V acc[NB][R];
+  for (int j = 0; j < NB; j++) for (int r = 0; r < R; r++) acc[j][r] = vzero();
+  const int64_t Km = K - K % LANES;
+  for (int64_t k = 0; k < Km; k += LANES) {
+    V xv[R];
+    for (int r = 0; r < R; r++) xv[r] = ldx(x + r * Kp + k);
     for (int j = 0; j < NB; j++) {
-      __m256 wv = ld8(w + (n0 + j) * K + k);
-      for (int r = 0; r < R; r++) acc[j][r] = _mm256_fmadd_ps(wv, xv[r], acc[j][r]);
+      V wv = ldw(w + j * K + k);
+      for (int r = 0; r < R; r++) acc[j][r] = vfma(wv, xv[r], acc[j][r]);
     }
   }
-  for (int j = 0; j < NB; j++) for (int r = 0; r < R; r++) y[r * ldy + n0 + j] = hsum8(acc[j][r]);
+  if (Km < K) {
+    V xv[R];
+    for (int r = 0; r < R; r++) xv[r] = ldx(x + r * Kp + Km);
+    for (int j = 0; j < NB; j++) {
+      alignas(64) unsigned char buf[LANES * sizeof(W)] = {0};
+      std::memcpy(buf, w + j * K + Km, (K - Km) * sizeof(W));
+      V wv = ldw(reinterpret_cast<const W*>(buf));
+      for (int r = 0; r < R; r++) acc[j][r] = vfma(wv, xv[r], acc[j][r]);
+    }
+  }
+  for (int j = 0; j < NB; j++)
+    for (int r = 0; r < R; r++) {
+      float s = hsum(acc[j][r]);
+      y[r * ldy + j] = scale ? s * scale[j] : s;
+    }
 }
 
-// Row tiles of 4 (2 columns at a time: 8 accumulators + 4 x + 1 w registers), then 3, 2 or 1.
-// The tiling only decides which (n, r) pairs share a pass over w; each pair's arithmetic is the same.
-template <typename W, int NB>
-static inline void col_block(const float* x, int64_t M, int64_t K, const W* w, float* y, int64_t n0, int64_t N) {
-  int64_t r = 0;
-  for (; r + 4 <= M; r += 4) {
-    if (NB % 2 == 0) { for (int j = 0; j < NB; j += 2) tile<W, 2, 4>(x + r * K, K, w, y + r * N, n0 + j, N); }
-    else { for (int j = 0; j < NB; j++) tile<W, 1, 4>(x + r * K, K, w, y + r * N, n0 + j, N); }
+// nc (<= 8) columns starting at w / y for R rows: tiles of NB columns, then single columns.
+template <typename W, int NB, int R>
+static inline void cols(const float* x, int64_t Kp, int64_t K, const W* w, float* y, int64_t ldy,
+                        const float* scale, int64_t nc) {
+  int64_t j = 0;
+  for (; j + NB <= nc; j += NB) tile<W, NB, R>(x, Kp, K, w + j * K, y + j, ldy, scale ? scale + j : nullptr);
+  for (; j < nc; j++) tile<W, 1, R>(x, Kp, K, w + j * K, y + j, ldy, scale ? scale + j : nullptr);
+}
+
+// Columns [c0, c1) for all M rows, 8 columns at a time: the 8 weight rows stay in cache while
+// every row group passes over them.
+template <typename W>
+static void run_cols(const float* x, int64_t M, int64_t Kp, int64_t K, const W* w, float* y, int64_t N,
+                     const float* scale, int64_t c0, int64_t c1) {
+  for (int64_t c = c0; c < c1; c += 8) {
+    const int64_t nc = std::min<int64_t>(8, c1 - c);
+    const W* wc = w + c * K;
+    const float* sc = scale ? scale + c : nullptr;
+    int64_t r = 0;
+    for (; r + 4 <= M; r += 4) cols<W, NB4, 4>(x + r * Kp, Kp, K, wc, y + r * N + c, N, sc, nc);
+    const int64_t left = M - r;
+    if (left == 3) cols<W, NB3, 3>(x + r * Kp, Kp, K, wc, y + r * N + c, N, sc, nc);
+    else if (left == 2) cols<W, 4, 2>(x + r * Kp, Kp, K, wc, y + r * N + c, N, sc, nc);
+    else if (left == 1) cols<W, 8, 1>(x + r * Kp, Kp, K, wc, y + r * N + c, N, sc, nc);
   }
-  if (M - r == 3) tile<W, NB, 3>(x + r * K, K, w, y + r * N, n0, N);
-  else if (M - r == 2) tile<W, NB, 2>(x + r * K, K, w, y + r * N, n0, N);
-  else if (M - r == 1) tile<W, NB, 1>(x + r * K, K, w, y + r * N, n0, N);
 }
 
 template <typename W>
-static void run(const float* x, int64_t M, int64_t K, const W* w, float* y, int64_t N) {
-  const int64_t NBLK = 4;
-  int64_t nb = (N + NBLK - 1) / NBLK;
-  at::parallel_for(0, nb, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; b++) {
-      int64_t n0 = b * NBLK;
-      int64_t left = N - n0;
-      if (left >= 4) col_block<W, 4>(x, M, K, w, y, n0, N);
-      else for (int64_t j = 0; j < left; j++) col_block<W, 1>(x, M, K, w, y, n0 + j, N);
-    }
+static void run(const float* x, int64_t M, int64_t Kp, int64_t K, const W* w, float* y, int64_t N,
+                const float* scale, int64_t par_bytes) {
+  const int64_t blocks = (N + 7) / 8;
+  const int64_t block_bytes = 8 * K * (int64_t)sizeof(W);
+  const int64_t grain = std::max<int64_t>(1, par_bytes / std::max<int64_t>(block_bytes, 1));
+  if (blocks <= grain || at::get_num_threads() == 1) {
+    run_cols<W>(x, M, Kp, K, w, y, N, scale, 0, N);
+    return;
+  }
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    run_cols<W>(x, M, Kp, K, w, y, N, scale, b0 * 8, std::min<int64_t>(N, b1 * 8));
   });
 }
 
-torch::Tensor rowmm(torch::Tensor x, torch::Tensor w) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "rowmm: x must be contiguous fp32 [M, K]");
+torch::Tensor rowmm(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t par_bytes) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "rowmm: x must be fp32 [M, K]");
   TORCH_CHECK(w.is_contiguous() && w.dim() == 2 && w.size(1) == x.size(1), "rowmm: w must be contiguous [N, K]");
-  TORCH_CHECK(x.size(1) % 8 == 0, "rowmm: K must be a multiple of 8");
-  int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const int64_t Kp = (K + LANES - 1) / LANES * LANES;
+  torch::Tensor xp = x.contiguous();
+  if (Kp != K) xp = torch::constant_pad_nd(xp, {0, Kp - K}, 0.0);
   auto y = torch::empty({M, N}, x.options());
-  if (w.dtype() == torch::kFloat32) run<float>(x.data_ptr<float>(), M, K, w.data_ptr<float>(), y.data_ptr<float>(), N);
-  else if (w.dtype() == torch::kBFloat16) run<at::BFloat16>(x.data_ptr<float>(), M, K, w.data_ptr<at::BFloat16>(), y.data_ptr<float>(), N);
-  else if (w.dtype() == torch::kFloat16) run<at::Half>(x.data_ptr<float>(), M, K, w.data_ptr<at::Half>(), y.data_ptr<float>(), N);
+  const float* sc = nullptr;
+  if (scale.numel()) {
+    TORCH_CHECK(scale.dtype() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == N, "rowmm: scale must be fp32 [N]");
+    sc = scale.data_ptr<float>();
+  }
+  const float* xd = xp.data_ptr<float>();
+  float* yd = y.data_ptr<float>();
+  if (w.dtype() == torch::kFloat32) run<float>(xd, M, Kp, K, w.data_ptr<float>(), yd, N, sc, par_bytes);
+  else if (w.dtype() == torch::kBFloat16) run<at::BFloat16>(xd, M, Kp, K, w.data_ptr<at::BFloat16>(), yd, N, sc, par_bytes);
+  else if (w.dtype() == torch::kFloat16) run<at::Half>(xd, M, Kp, K, w.data_ptr<at::Half>(), yd, N, sc, par_bytes);
+  else if (w.dtype() == torch::kInt8) run<int8_t>(xd, M, Kp, K, w.data_ptr<int8_t>(), yd, N, sc, par_bytes);
   else TORCH_CHECK(false, "rowmm: unsupported weight dtype");
   return y;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("rowmm", &rowmm, "fixed-order few-row matmul"); }
+// ---- the GatedDeltaNet step between its two projections, fused (decode / verify, one sequence) ----
+// Per position t, in this fixed order: depthwise causal conv (K taps, oldest first) + SiLU; q / k
+// L2-normalised per key head (q scaled by dk^-0.5); per value head: beta = sigmoid(b), decay =
+// exp(-exp(A_log) * softplus(a + dt_bias)); S = decay * S; delta = (v - k S) * beta; S += k^T delta;
+// o = q S; then o * rsqrt(mean(o^2) + eps) * gnorm * silu(z). Plain loops: sums run in index
+// order (no -ffast-math, so no reassociation), so a position's bits never depend on T.
+static inline float silu_f(float x) { return x / (1.0f + std::exp(-x)); }
+static inline float softplus_f(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
+
+std::vector<torch::Tensor> gdn_core(torch::Tensor mixed, torch::Tensor b, torch::Tensor a, torch::Tensor z,
+                                    torch::Tensor conv_state, torch::Tensor conv_w, torch::Tensor A_log,
+                                    torch::Tensor dt_bias, torch::Tensor S0, torch::Tensor gnorm,
+                                    int64_t nk, int64_t dk, int64_t dv, double eps_d) {
+  for (auto* t : {&mixed, &b, &a, &z, &conv_state, &conv_w, &A_log, &dt_bias, &S0, &gnorm})
+    TORCH_CHECK(t->dtype() == torch::kFloat32 && t->is_contiguous(), "gdn_core: fp32 contiguous inputs");
+  const int64_t T = mixed.size(0), C = mixed.size(1), K1 = conv_state.size(0), K = K1 + 1;
+  const int64_t nv = A_log.size(0), r = nv / nk, key_dim = nk * dk;
+  const float eps = (float)eps_d, qscale = 1.0f / std::sqrt((float)dk);
+  auto y = torch::empty({T, nv * dv}, mixed.options());
+  auto states = torch::empty({T, nv, dk, dv}, mixed.options());
+  std::vector<float> act(C), qn(key_dim), kn(key_dim), ks(dv), o(dv);
+  const float *X = mixed.data_ptr<float>(), *P = conv_state.data_ptr<float>(), *W = conv_w.data_ptr<float>();
+  const float *B = b.data_ptr<float>(), *Aa = a.data_ptr<float>(), *Z = z.data_ptr<float>();
+  const float *Al = A_log.data_ptr<float>(), *Dt = dt_bias.data_ptr<float>(), *G = gnorm.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  float* St = states.data_ptr<float>();
+  const float* Sprev = S0.data_ptr<float>();
+  for (int64_t t = 0; t < T; t++) {
+    for (int64_t c = 0; c < C; c++) {  // window rows t..t+K-1 of [state; mixed]
+      float acc = 0.0f;
+      for (int64_t j = 0; j < K; j++) {
+        const int64_t row = t + j;
+        const float xv = row < K1 ? P[row * C + c] : X[(row - K1) * C + c];
+        acc = j == 0 ? xv * W[c * K] : acc + xv * W[c * K + j];
+      }
+      act[c] = silu_f(acc);
+    }
+    for (int64_t h = 0; h < nk; h++) {
+      float sq = 0.0f, sk = 0.0f;
+      for (int64_t i = 0; i < dk; i++) { float q = act[h * dk + i], k = act[key_dim + h * dk + i]; sq += q * q; sk += k * k; }
+      const float rq = 1.0f / std::sqrt(sq + 1e-6f), rk = 1.0f / std::sqrt(sk + 1e-6f);
+      for (int64_t i = 0; i < dk; i++) { qn[h * dk + i] = act[h * dk + i] * rq * qscale; kn[h * dk + i] = act[key_dim + h * dk + i] * rk; }
+    }
+    float* Snow = St + t * nv * dk * dv;
+    for (int64_t hv = 0; hv < nv; hv++) {
+      const float* q = &qn[(hv / r) * dk];
+      const float* k = &kn[(hv / r) * dk];
+      const float* v = &act[2 * key_dim + hv * dv];
+      const float beta = 1.0f / (1.0f + std::exp(-B[t * nv + hv]));
+      const float decay = std::exp(-std::exp(Al[hv]) * softplus_f(Aa[t * nv + hv] + Dt[hv]));
+      const float* S = Sprev + hv * dk * dv;
+      float* Sn = Snow + hv * dk * dv;
+      for (int64_t i = 0; i < dk * dv; i++) Sn[i] = S[i] * decay;
+      for (int64_t j = 0; j < dv; j++) ks[j] = 0.0f;
+      for (int64_t i = 0; i < dk; i++) for (int64_t j = 0; j < dv; j++) ks[j] += k[i] * Sn[i * dv + j];
+      for (int64_t j = 0; j < dv; j++) ks[j] = (v[j] - ks[j]) * beta;  // delta
+      for (int64_t i = 0; i < dk; i++) for (int64_t j = 0; j < dv; j++) Sn[i * dv + j] += k[i] * ks[j];
+      for (int64_t j = 0; j < dv; j++) o[j] = 0.0f;
+      for (int64_t i = 0; i < dk; i++) for (int64_t j = 0; j < dv; j++) o[j] += q[i] * Sn[i * dv + j];
+      float ms = 0.0f;
+      for (int64_t j = 0; j < dv; j++) ms += o[j] * o[j];
+      const float rn = 1.0f / std::sqrt(ms / (float)dv + eps);
+      for (int64_t j = 0; j < dv; j++) Y[t * nv * dv + hv * dv + j] = o[j] * rn * G[j] * silu_f(Z[t * nv * dv + hv * dv + j]);
+    }
+    Sprev = Snow;
+  }
+  return {y, states};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rowmm", &rowmm, "fixed-order few-row matmul");
+  m.def("gdn_core", &gdn_core, "fused GatedDeltaNet step between its projections");
+}
 """
 
-_NAME = "mtplx_rowmm_v2"
+_ISA_FLAGS = {
+    "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"),
+               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-DMTPLX_AVX512"]),
+    "avx2": (("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
+}
+_VERSION = "v4"
 _lock = threading.Lock()
 _state: dict = {}
 
 
-def _cpu_ok() -> bool:
+def _cpu_flags() -> set[str]:
     try:
-        flags = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
     except OSError:
-        return False
-    return all(f in flags for f in (" avx2", " fma", " f16c"))
+        pass
+    return set()
+
+
+def kernel_isa() -> str | None:
+    """The instruction set the kernel is built for on this CPU, or None (no usable one)."""
+    flags = _cpu_flags()
+    forced = os.environ.get("MTPLX_KERNEL_ISA", "").strip().lower()
+    order = [forced] if forced else ["avx512", "avx2"]
+    for isa in order:
+        if isa in _ISA_FLAGS and all(f in flags for f in _ISA_FLAGS[isa][0]):
+            return isa
+    return None
+
+
+def _name(isa: str) -> str:
+    return f"mtplx_rowmm_{_VERSION}_{isa}"
 
 
 def get_rowmm():
-    """The compiled rowmm function, or None (no compiler / CPU support / disabled)."""
+    """rowmm(x, w, scale=None) -> y, compiled for this CPU; None when unavailable (no compiler,
+    no AVX2, not x86, MTPLX_NO_KERNEL=1)."""
     with _lock:
         if "fn" in _state:
             return _state["fn"]
-        fn = None
-        if os.environ.get("MTPLX_NO_KERNEL", "") not in ("1", "true") and _cpu_ok():
+        fn, isa = None, kernel_isa()
+        if os.environ.get("MTPLX_NO_KERNEL", "") in ("1", "true"):
+            _state["error"] = "disabled by MTPLX_NO_KERNEL"
+        elif isa is None:
+            _state["error"] = "this CPU has neither AVX-512 nor AVX2 + FMA + F16C"
+        else:
             try:
                 from torch.utils.cpp_extension import load_inline
 
-                mod = load_inline(_NAME, cpp_sources=_SRC, functions=None,
-                                  extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"], verbose=False)
-                fn = mod.rowmm
+                if not is_built():
+                    sys.stderr.write(f"mtplx: building the fixed-order CPU kernel ({isa}), once per torch version "
+                                     "(about a minute; MTPLX_NO_KERNEL=1 skips it)\n")
+
+                mod = load_inline(_name(isa), cpp_sources=_SRC, functions=None,
+                                  extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS[isa][1]],
+                                  extra_ldflags=["-fopenmp"], verbose=False)
+                empty = torch.empty(0)
+
+                def fn(x, w, scale=None, _f=mod.rowmm):
+                    return _f(x, w, empty if scale is None else scale, PAR_MIN_BYTES)
+
+                _state["gdn_core"] = mod.gdn_core
             except Exception as e:  # no compiler, no ninja, ...
                 _state["error"] = f"{type(e).__name__}: {e}"
                 fn = None
-        _state["fn"] = fn
+        _state["fn"], _state["isa"] = fn, isa if fn is not None else None
         return fn
 
 
+def get_gdn_core():
+    """The fused GatedDeltaNet step of the same build (model.GatedDeltaNet._fused_one), or None."""
+    return _state.get("gdn_core") if get_rowmm() is not None else None
+
+
+def active_isa() -> str | None:
+    """The instruction set of the loaded kernel (after get_rowmm), or None."""
+    return _state.get("isa")
+
+
 def is_built() -> bool:
-    """Whether the extension is already compiled in torch's extension cache (no build)."""
+    """Whether the extension for this CPU is already compiled in torch's extension cache."""
+    isa = kernel_isa()
+    if isa is None:
+        return False
     try:
         from torch.utils.cpp_extension import _get_build_directory
 
-        d = _get_build_directory(_NAME, False)
+        d = _get_build_directory(_name(isa), False)
         return any(f.endswith(".so") for f in os.listdir(d))
     except Exception:
         return False

@@ -190,7 +190,7 @@ def load_torch_model(source, dtype=torch.bfloat16, device="cpu", *, config: Mode
                      quantize: str | None = None, draft_lm_head: str = "auto") -> Qwen35Model:
     """Load a model from a checkpoint folder, a canonical (name, array) iterable, or a raw tensor
     mapping (+ config). Returns an eval-mode Qwen35Model with `model.mtp` set when the checkpoint
-    has a head (and include_mtp). kernel: exact-path linears, "torch" (default, or $MTPLX_KERNEL),
+    has a head (and include_mtp). kernel: exact-path linears, "auto" (default, or $MTPLX_KERNEL: the compiled kernel where the CPU has it), "torch",
     "rowmm" (compiled fixed-order CPU kernel, built once on first use) or "auto". draft_lm_head:
     the lm_head precision the MTP head drafts with, "auto" | "int8" | "full" (MtpHead.set_draft_lm_head)."""
     if isinstance(dtype, str):
@@ -287,7 +287,7 @@ def load_torch_model(source, dtype=torch.bfloat16, device="cpu", *, config: Mode
         from .int8 import quantize_int8
 
         quantize_int8(model)
-    kernel = kernel or os.environ.get("MTPLX_KERNEL", "torch")
+    kernel = kernel or os.environ.get("MTPLX_KERNEL", "auto")
     model.set_kernel(kernel)
     if model.mtp is not None:
         model.mtp.set_draft_lm_head(draft_lm_head)

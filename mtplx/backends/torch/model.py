@@ -117,15 +117,18 @@ class Ops:
         self.lin, self.ew = lin, ew
 
 
-def rowmm_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Exact-path linear through the fixed-order kernel (kernels.py); falls back to
-    exact_linear for shapes it does not take (K not a multiple of 8)."""
+def rowmm_linear(x: torch.Tensor, w) -> torch.Tensor:
+    """Exact-path linear through the fixed-order kernel (kernels.py): fp32 / bf16 / fp16 weights
+    and int8 ones (int8.Int8Weight) alike; a weight it cannot take goes to exact_linear."""
     from .kernels import get_rowmm
 
     fn = get_rowmm()
-    if fn is None or not isinstance(w, torch.Tensor) or x.shape[1] % 8 or not w.is_contiguous():
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    if fn is not None and hasattr(w, "q") and w.q.is_contiguous():
+        return fn(x2, w.q, w.scale_f32).reshape(*x.shape[:-1], -1).to(x.dtype)
+    if fn is None or not isinstance(w, torch.Tensor) or not w.is_contiguous() or w.device.type != "cpu":
         return exact_linear(x, w)
-    return fn(x.float().contiguous(), w).to(x.dtype)
+    return fn(x2, w).reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
 PLAIN = Ops(plain_linear, plain_ew)
@@ -496,7 +499,14 @@ class GatedDeltaNet(nn.Module):
         """Exact path over several sequences: x [sum T_i, H], T_i = lengths[i] rows of sequence i
         with its own cache. Projections on all rows at once; sequences with the same T_i run their
         conv and recurrence stacked (elementwise ops and a per-matrix bmm: each sequence's rows
-        and states get the bits they get alone)."""
+        and states get the bits they get alone). With the compiled kernel, everything between
+        the two projections is one fused call per sequence (`_fused_step`)."""
+        if ops is EXACT_ROWMM:
+            from .kernels import get_gdn_core
+
+            core = get_gdn_core()
+            if core is not None:
+                return self._fused_step(x, lengths, caches, core, ops)
         mixed, z, beta, g = self._inputs(x, ops)
         if len(lengths) == 1:  # decode / verify of one sequence
             return self._out(self._one(mixed, beta, g, caches[0], ops), z, x.dtype, ops)
@@ -529,6 +539,27 @@ class GatedDeltaNet(nn.Module):
             for j, i in enumerate(members):
                 caches[i].record(m_rows[j], [st[j * nv:(j + 1) * nv] for st in states])
         return self._out(o, z, x.dtype, ops)
+
+    def _fused_step(self, x, lengths, caches, core, ops: Ops):
+        """Exact path through kernels.gdn_core: conv, SiLU, q/k norms, gates, the recurrence and the
+        gated output norm of each sequence in one compiled call (fp32, a fixed order per position,
+        so verify rows equal decode bit for bit). x [sum T_i, H] -> [sum T_i, H]."""
+        y = ops.lin(x, self.in_proj)  # [N, C + nv*dv + 2nv], model dtype
+        C, vd, nv = self.C, self.value_dim, self.nv
+        yf = y.float()
+        gnorm = self.gnorm.float().contiguous()
+        outs, r = [], 0
+        for T, cache in zip(lengths, caches):
+            part = yf[r:r + T]
+            o, states = core(part[:, :C].contiguous(), part[:, C + vd:C + vd + nv].contiguous(),
+                             part[:, C + vd + nv:].contiguous(), part[:, C:C + vd].contiguous(),
+                             cache.conv.float().contiguous(), self.conv_w.contiguous(), self.A_log.contiguous(), self.dt_bias.contiguous(),
+                             cache.state.contiguous(), gnorm, self.nk, self.dk, self.dv, self.eps)
+            cache.record(y[r:r + T, :C], list(states.unbind(0)))
+            outs.append(o)
+            r += T
+        o = outs[0] if len(outs) == 1 else torch.cat(outs)  # [N, nv*dv] fp32
+        return ops.lin(o.to(x.dtype), self.out_proj)
 
     def _one(self, mixed, beta, g, cache, ops: Ops):
         """One sequence's conv + recurrence (the same ops as a stacked group of one) -> o [T, nv, dv]."""
@@ -838,7 +869,8 @@ class Qwen35Model(nn.Module):
         return post, x, self.logits(post, ops.lin)
 
     def set_kernel(self, kernel: str) -> str:
-        """Choose the exact-path linear kernel: "torch", "rowmm" or "auto" (rowmm when it builds).
+        """Choose the exact-path linear kernel: "torch", "rowmm" or "auto" (rowmm on a CPU model
+        when this CPU has AVX-512 or AVX2 and the kernel builds; else torch).
         Set it before creating sessions; a session must not change kernels mid-sequence.
         Returns the kernel in use."""
         if kernel == "auto":
