@@ -20,6 +20,11 @@ ASSET_DIR = REPO_ROOT / "mtplx" / "assets" / "default_model"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 EOS = "<|endoftext|>"
 VOCAB_SIZE = 4096
+# v2: the tool and thinking markers as single added tokens (ids 4096..4101), and the model's
+# embedding rows padded to a multiple of 8, as the released checkpoints pad theirs.
+MARKER_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
+MODEL_VOCAB_V2 = 4104
+MAX_POSITIONS = 65536
 
 # Held-out stdlib modules: never trained on (neither the module nor its test files).
 # Evaluation prompts and teacher-forced acceptance use these files only.

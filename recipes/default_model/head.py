@@ -1,11 +1,11 @@
 """Step 4: train the default model's MTP head with `mtplx forge` and ship the checkpoint.
 
-    python recipes/default_model/head.py --minutes 12     # -> mtplx/assets/default_model/
+    python recipes/default_model/head.py --minutes 10     # -> mtplx/assets/default_model/
 
-Assembles the trunk (runs/default_model/trunk) and the tokenizer into an HF checkpoint folder,
-trains a fresh MoE MTP head on it by self-distillation (trunk frozen, depth-aware) on the
-training split of the stdlib corpus, evaluates teacher-forced acceptance on the held-out
-modules, and writes the result (head embedded in model.safetensors, HF key names, per-expert
+Assembles the trunk (runs/default_model/trunk_v2) and the v2 tokenizer into an HF checkpoint
+folder, trains a fresh MoE MTP head on it by self-distillation (trunk frozen, depth-aware) on the
+training split of the stdlib corpus and the chats (chats.py), evaluates teacher-forced acceptance
+on the held-out modules and the held-out chat and tool records, and writes the result (head embedded in model.safetensors, HF key names, per-expert
 MoE head, zero-centred norms, bf16) into the package's asset folder, with recipe.json
 recording how it was made.
 """
@@ -23,16 +23,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
-def assemble(work: Path, dst: Path) -> Path:
+def assemble(trunk: Path, tokenizer_dir: Path, dst: Path) -> Path:
     """trunk weights + config + tokenizer files -> one checkpoint folder (no head yet)."""
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
-    trunk = work / "trunk"
     for name in ("config.json", "model.safetensors"):
         shutil.copy2(trunk / name, dst / name)
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy2(work / name, dst / name)
+        shutil.copy2(tokenizer_dir / name, dst / name)
     cfg = json.loads((dst / "config.json").read_text())
     for noise in ("id2label", "label2id", "chunk_size_feed_forward", "problem_type", "output_hidden_states",
                   "return_dict", "is_encoder_decoder", "_name_or_path", "output_attentions", "use_cache"):
@@ -45,10 +44,30 @@ def assemble(work: Path, dst: Path) -> Path:
     return dst
 
 
+def head_corpus(work: Path, checkpoint: Path) -> tuple[list[str], list[str]]:
+    """Training docs: stdlib code + the chat documents; held-out docs: held-out code and the
+    evaluation records with their reference answers, so acceptance is measured on both."""
+    from chats import Renderer, eval_doc
+
+    from mtplx.tokenizer import Tokenizer
+
+    eos = common.EOS
+    split = lambda name: [d for d in (work / name).read_text(encoding="utf-8").split(eos) if d.strip()]  # noqa: E731
+    train = split("train.txt") + (split("chat_train.txt") if (work / "chat_train.txt").exists() else [])
+    held = split("heldout.txt")
+    if (work / "chat_eval.jsonl").exists():
+        R = Renderer(Tokenizer.from_dir(checkpoint))
+        recs = [json.loads(line) for line in (work / "chat_eval.jsonl").read_text().splitlines()]
+        held += [eval_doc(R, r) for r in recs]
+    return train, held
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=common.WORK_DIR)
     ap.add_argument("--out", type=Path, default=common.ASSET_DIR)
+    ap.add_argument("--trunk", type=Path, default=common.WORK_DIR / "trunk_v2")
+    ap.add_argument("--tokenizer-dir", type=Path, default=common.WORK_DIR / "tokenizer_v2")
     ap.add_argument("--minutes", type=float, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--depth", type=int, default=3)
@@ -60,12 +79,11 @@ def main():
     from mtplx.forge import Corpus, ForgeOptions, forge
 
     t0 = time.time()
-    base = assemble(args.work, args.work / "checkpoint_nohead")
-    eos = common.EOS
-    train = [d for d in (args.work / "train.txt").read_text(encoding="utf-8").split(eos) if d.strip()]
-    held = [d for d in (args.work / "heldout.txt").read_text(encoding="utf-8").split(eos) if d.strip()]
-    corpus = Corpus(train=train, heldout=held, source="stdlib (recipe split: held-out modules "
-                                                      + ", ".join(common.HELD_OUT_MODULES) + ")")
+    base = assemble(args.trunk, args.tokenizer_dir, args.work / "checkpoint_nohead")
+    train, held = head_corpus(args.work, base)
+    corpus = Corpus(train=train, heldout=held, source="stdlib + chats (recipe split: held-out modules "
+                                                      + ", ".join(common.HELD_OUT_MODULES)
+                                                      + "; held-out tool verbs, nouns and phrasings)")
     opts = ForgeOptions(steps=args.steps, minutes=args.minutes, depth=args.depth, seed=args.seed, batch=8,
                         seq_len=256, lr=2e-3, pool_windows=args.pool, eval_windows=48, init="trunk",
                         layout="embedded", threads=args.threads)
@@ -84,12 +102,15 @@ def main():
     for extra in ("trunk_meta.json",):
         if (args.out / extra).exists():
             (args.out / extra).unlink()
-    trunk_meta = json.loads((args.work / "trunk" / "trunk_meta.json").read_text())
+    trunk_meta = json.loads((args.trunk / "trunk_meta.json").read_text())
     corpus_meta = json.loads((args.work / "corpus.json").read_text())
+    chats_meta = json.loads((args.work / "chats.json").read_text()) if (args.work / "chats.json").exists() else None
     recipe = {
-        "recipe": "recipes/default_model (corpus.py, tokenizer.py, trunk.py train, head.py)",
+        "recipe": "recipes/default_model (v1: corpus.py, tokenizer.py, trunk.py train; "
+                  "v2: chats.py, tokenizer.py --extend, chat_trunk.py, head.py)",
         "seed": common.SEED,
         "corpus": corpus_meta,
+        "chats": chats_meta,
         "held_out_modules": list(common.HELD_OUT_MODULES),
         "trunk": trunk_meta,
         "head": {k: v for k, v in rep.to_dict().items() if k not in ("history",)},
