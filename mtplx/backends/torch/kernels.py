@@ -250,9 +250,145 @@ std::vector<torch::Tensor> gdn_core(torch::Tensor mixed, torch::Tensor b, torch:
   return {y, states};
 }
 
+// ---- RMS norm of rows: x [N, D] (any float dtype) -> x * rsqrt(mean(x^2) + eps) * w, fp32 math ----
+torch::Tensor rms_rows(torch::Tensor x, torch::Tensor w, double eps_d) {
+  TORCH_CHECK(w.dtype() == torch::kFloat32 && w.is_contiguous(), "rms_rows: w must be fp32");
+  auto xf = x.to(torch::kFloat32).contiguous();
+  const int64_t D = xf.size(-1), N = xf.numel() / D;
+  auto y = torch::empty_like(xf);
+  const float *X = xf.data_ptr<float>(), *W = w.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  const float eps = (float)eps_d, inv_d = 1.0f / (float)D;
+  for (int64_t n = 0; n < N; n++) {
+    const float* xr = X + n * D;
+    float ss = 0.0f;
+    for (int64_t i = 0; i < D; i++) ss += xr[i] * xr[i];
+    const float r = 1.0f / std::sqrt(ss * inv_d + eps);
+    for (int64_t i = 0; i < D; i++) Y[n * D + i] = xr[i] * r * W[i];
+  }
+  return y.to(x.dtype());
+}
+
+// ---- MoE (all experts evaluated, the exact path's dense form) between its two matmuls ----
+// y [N, E + 1 + E*2I + 2Is] = router logits | shared gate | each expert's gate|up | the shared
+// expert's gate|up (fp32) -> activations [N, E*I + Is] in `out_dtype`: fp32 softmax over the E
+// logits, top-k (ties: lower index), optional renormalisation, silu(gate) * up * routing weight
+// (0 for experts not picked), sigmoid(shared gate) for the shared expert.
+torch::Tensor moe_act(torch::Tensor y, int64_t E, int64_t I, int64_t Is, int64_t topk, bool renorm,
+                      at::ScalarType out_dtype) {
+  TORCH_CHECK(y.dtype() == torch::kFloat32 && y.is_contiguous() && y.dim() == 2, "moe_act: y fp32 [N, W]");
+  const int64_t N = y.size(0), Wd = y.size(1);
+  TORCH_CHECK(Wd == E + 1 + E * 2 * I + 2 * Is, "moe_act: width mismatch");
+  auto act = torch::empty({N, E * I + Is}, y.options());
+  std::vector<float> p(E), w(E);
+  std::vector<int64_t> pick(topk);
+  const float* Yd = y.data_ptr<float>();
+  float* A = act.data_ptr<float>();
+  for (int64_t n = 0; n < N; n++) {
+    const float* row = Yd + n * Wd;
+    float mx = row[0];
+    for (int64_t e = 1; e < E; e++) mx = std::max(mx, row[e]);
+    float sum = 0.0f;
+    for (int64_t e = 0; e < E; e++) { p[e] = std::exp(row[e] - mx); sum += p[e]; }
+    for (int64_t e = 0; e < E; e++) { p[e] = p[e] / sum; w[e] = 0.0f; }
+    float wsum = 0.0f;
+    for (int64_t j = 0; j < topk; j++) {
+      int64_t best = -1;
+      for (int64_t e = 0; e < E; e++) {
+        bool used = false;
+        for (int64_t u = 0; u < j; u++) used |= pick[u] == e;
+        if (!used && (best < 0 || p[e] > p[best])) best = e;
+      }
+      pick[j] = best;
+      wsum += p[best];
+    }
+    for (int64_t j = 0; j < topk; j++) w[pick[j]] = renorm ? p[pick[j]] / wsum : p[pick[j]];
+    const float* gu = row + E + 1;
+    float* out = A + n * (E * I + Is);
+    for (int64_t e = 0; e < E; e++) {
+      const float* g = gu + e * 2 * I;
+      for (int64_t i = 0; i < I; i++) out[e * I + i] = w[e] == 0.0f ? 0.0f : silu_f(g[i]) * g[I + i] * w[e];
+    }
+    const float sg = 1.0f / (1.0f + std::exp(-row[E]));
+    const float* gs = gu + E * 2 * I;
+    for (int64_t i = 0; i < Is; i++) out[E * I + i] = silu_f(gs[i]) * gs[Is + i] * sg;
+  }
+  return act.to(out_dtype);
+}
+
+// ---- attention of few query rows over a KV cache (the exact path's decode / verify) ----
+// q [T, nh, hd] at positions pos0.., K / V [nkv, cap, hd] -> o [T, nh * hd] (fp32). Row t, head h
+// attends to keys 0..pos0+t of KV head h / (nh / nkv): scores by L-lane FMAs over hd and a fixed
+// horizontal sum, max, exp, the sum of weights in key order, then the weighted values in key
+// order. Each (t, h) is computed on its own, so the rows of a verify equal one-token decodes.
+template <typename KV>
+static void attend_one(const float* q, const KV* Kc, const KV* Vc, int64_t n_keys, int64_t hd, float scale,
+                       float* out, std::vector<float>& sc) {
+  sc.resize(n_keys);
+  const int64_t hm = hd - hd % LANES;
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < n_keys; j++) {
+    const KV* kr = Kc + j * hd;
+    V acc = vzero();
+    for (int64_t d = 0; d < hm; d += LANES) acc = vfma(ldw(kr + d), ldx(q + d), acc);
+    float s = hsum(acc);
+    for (int64_t d = hm; d < hd; d++) s += (float)kr[d] * q[d];
+    s *= scale;
+    sc[j] = s;
+    mx = std::max(mx, s);
+  }
+  float sum = 0.0f;
+  for (int64_t j = 0; j < n_keys; j++) { sc[j] = std::exp(sc[j] - mx); sum += sc[j]; }
+  for (int64_t d = 0; d < hd; d++) out[d] = 0.0f;
+  for (int64_t j = 0; j < n_keys; j++) {
+    const KV* vr = Vc + j * hd;
+    const float wj = sc[j];
+    for (int64_t d = 0; d < hd; d++) out[d] += wj * (float)vr[d];
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t d = 0; d < hd; d++) out[d] *= inv;
+}
+
+template <typename KV>
+static void attend_all(const float* q, const KV* Kc, const KV* Vc, float* o, int64_t T, int64_t nh, int64_t nkv,
+                       int64_t hd, int64_t cap, int64_t pos0, float scale) {
+  const int64_t g = nh / nkv, pairs = T * nh;
+  const int64_t work = (pos0 + T) * hd;  // key-dims per pair, about
+  const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(work, 1));
+  auto body = [&](int64_t b0, int64_t b1) {
+    std::vector<float> sc;
+    for (int64_t pi = b0; pi < b1; pi++) {
+      const int64_t t = pi / nh, h = pi % nh, kv = h / g;
+      attend_one<KV>(q + (t * nh + h) * hd, Kc + kv * cap * hd, Vc + kv * cap * hd, pos0 + t + 1, hd, scale,
+                     o + (t * nh + h) * hd, sc);
+    }
+  };
+  if (pairs <= grain || at::get_num_threads() == 1) body(0, pairs);
+  else at::parallel_for(0, pairs, grain, body);
+}
+
+torch::Tensor attend_rows(torch::Tensor q, torch::Tensor K, torch::Tensor Vt, int64_t pos0, double scale) {
+  TORCH_CHECK(K.is_contiguous() && Vt.is_contiguous() && K.dim() == 3 && K.dtype() == Vt.dtype(), "attend_rows: K/V [nkv, cap, hd]");
+  auto qf = q.to(torch::kFloat32).contiguous();
+  const int64_t T = qf.size(0), nh = qf.size(1), hd = qf.size(2), nkv = K.size(0), cap = K.size(1);
+  TORCH_CHECK(pos0 + T <= cap && K.size(2) == hd && nh % nkv == 0, "attend_rows: shapes");
+  auto o = torch::empty({T, nh * hd}, qf.options());
+  const float* Q = qf.data_ptr<float>();
+  float* O = o.data_ptr<float>();
+  const float sc = (float)scale;
+  if (K.dtype() == torch::kFloat32) attend_all<float>(Q, K.data_ptr<float>(), Vt.data_ptr<float>(), O, T, nh, nkv, hd, cap, pos0, sc);
+  else if (K.dtype() == torch::kBFloat16) attend_all<at::BFloat16>(Q, K.data_ptr<at::BFloat16>(), Vt.data_ptr<at::BFloat16>(), O, T, nh, nkv, hd, cap, pos0, sc);
+  else if (K.dtype() == torch::kFloat16) attend_all<at::Half>(Q, K.data_ptr<at::Half>(), Vt.data_ptr<at::Half>(), O, T, nh, nkv, hd, cap, pos0, sc);
+  else TORCH_CHECK(false, "attend_rows: unsupported cache dtype");
+  return o.to(q.dtype());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("attend_rows", &attend_rows, "few-row attention over a KV cache, fixed order per row");
   m.def("rowmm", &rowmm, "fixed-order few-row matmul");
   m.def("gdn_core", &gdn_core, "fused GatedDeltaNet step between its projections");
+  m.def("rms_rows", &rms_rows, "RMS norm of rows, fp32 math, fixed order");
+  m.def("moe_act", &moe_act, "dense MoE routing and activations between the two matmuls");
 }
 """
 
@@ -261,7 +397,7 @@ _ISA_FLAGS = {
                ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-DMTPLX_AVX512"]),
     "avx2": (("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
 }
-_VERSION = "v4"
+_VERSION = "v6"
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -319,7 +455,7 @@ def get_rowmm():
                 def fn(x, w, scale=None, _f=mod.rowmm):
                     return _f(x, w, empty if scale is None else scale, PAR_MIN_BYTES)
 
-                _state["gdn_core"] = mod.gdn_core
+                _state["mod"] = mod
             except Exception as e:  # no compiler, no ninja, ...
                 _state["error"] = f"{type(e).__name__}: {e}"
                 fn = None
@@ -327,9 +463,19 @@ def get_rowmm():
         return fn
 
 
-def get_gdn_core():
-    """The fused GatedDeltaNet step of the same build (model.GatedDeltaNet._fused_one), or None."""
-    return _state.get("gdn_core") if get_rowmm() is not None else None
+_MISSING = object()
+
+
+def rowmm_fn():
+    """get_rowmm without the lock once resolved (called for every exact-path matmul)."""
+    fn = _state.get("fn", _MISSING)
+    return get_rowmm() if fn is _MISSING else fn
+
+
+def get_fused():
+    """The build's fused ops (gdn_core, rms_rows, moe_act; model.py's exact path with the
+    kernel), or None when the kernel is unavailable."""
+    return _state.get("mod") if rowmm_fn() is not None else None
 
 
 def active_isa() -> str | None:

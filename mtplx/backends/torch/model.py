@@ -111,24 +111,42 @@ def _ew_chunks(fn, x: torch.Tensor, W: int) -> torch.Tensor:
 
 
 class Ops:
-    """The kernels a forward uses: plain (parallel path) or exact (decode/verify path)."""
+    """The kernels a forward uses: plain (parallel path) or exact (decode/verify path); `compiled`:
+    the exact path through kernels.py (fixed-order matmuls and fused small ops)."""
 
-    def __init__(self, lin, ew):
-        self.lin, self.ew = lin, ew
+    def __init__(self, lin, ew, compiled: bool = False):
+        self.lin, self.ew, self.compiled = lin, ew, compiled
+
+    @property
+    def fused(self):  # the compiled fused ops (kernels.get_fused), or None
+        if not self.compiled:
+            return None
+        from .kernels import get_fused
+
+        return get_fused()
+
+    def norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        f = self.fused
+        return rms_norm(x, w, eps) if f is None else f.rms_rows(x, w, eps)
 
 
 def rowmm_linear(x: torch.Tensor, w) -> torch.Tensor:
     """Exact-path linear through the fixed-order kernel (kernels.py): fp32 / bf16 / fp16 weights
     and int8 ones (int8.Int8Weight) alike; a weight it cannot take goes to exact_linear."""
-    from .kernels import get_rowmm
+    from .kernels import rowmm_fn
 
-    fn = get_rowmm()
-    x2 = x.reshape(-1, x.shape[-1]).float()
-    if fn is not None and hasattr(w, "q") and w.q.is_contiguous():
-        return fn(x2, w.q, w.scale_f32).reshape(*x.shape[:-1], -1).to(x.dtype)
-    if fn is None or not isinstance(w, torch.Tensor) or not w.is_contiguous() or w.device.type != "cpu":
+    fn = rowmm_fn()
+    if fn is None:
         return exact_linear(x, w)
-    return fn(x2, w).reshape(*x.shape[:-1], -1).to(x.dtype)
+    if isinstance(w, torch.Tensor):
+        if not w.is_contiguous() or w.device.type != "cpu":
+            return exact_linear(x, w)
+        if x.dtype == torch.float32 and x.dim() == 2:
+            return fn(x, w)
+        return fn(x.reshape(-1, x.shape[-1]).float(), w).reshape(*x.shape[:-1], -1).to(x.dtype)
+    if hasattr(w, "q") and w.q.is_contiguous():
+        return fn(x.reshape(-1, x.shape[-1]).float(), w.q, w.scale_f32).reshape(*x.shape[:-1], -1).to(x.dtype)
+    return exact_linear(x, w)
 
 
 PLAIN = Ops(plain_linear, plain_ew)
@@ -137,7 +155,7 @@ PLAIN = Ops(plain_linear, plain_ew)
 # kernels. Drafts need no bit-exactness (verify decides every token), only speed.
 FEW_ROWS = Ops(plain_linear, plain_ew)
 EXACT = Ops(exact_linear, exact_ew)  # pure torch: row padding (ROW_GROUP)
-EXACT_ROWMM = Ops(rowmm_linear, exact_ew)  # compiled fixed-order kernel
+EXACT_ROWMM = Ops(rowmm_linear, exact_ew, compiled=True)  # compiled fixed-order kernels
 KERNELS = {"torch": EXACT, "rowmm": EXACT_ROWMM}
 
 
@@ -239,8 +257,8 @@ class Attention(nn.Module):
         q = q.reshape(*lead, self.nh, 2 * self.hd)
         q, gate = q[..., : self.hd], q[..., self.hd:]
         gate = gate.reshape(*lead, self.nh * self.hd)
-        q = rms_norm(q, self.q_norm, self.eps)
-        k = rms_norm(k.reshape(*lead, self.nkv, self.hd), self.k_norm, self.eps)
+        q = ops.norm(q, self.q_norm, self.eps)
+        k = ops.norm(k.reshape(*lead, self.nkv, self.hd), self.k_norm, self.eps)
         v = v.reshape(*lead, self.nkv, self.hd)
         cos, sin = rope.cos_sin(positions, x.dtype)
         return rope.apply(q, cos, sin), rope.apply(k, cos, sin), v, gate
@@ -326,10 +344,14 @@ class Attention(nn.Module):
         else:
             positions = torch.cat([torch.arange(p0, p0 + T, device=x.device) for p0, T in spans])
         q, k, v, gate = self._project(x, rope, positions, ops)
+        fused = ops.fused
         outs, r = [], 0
         for (p0, T), cache in zip(spans, caches):
             cache.write(p0, k[r:r + T], v[r:r + T])
-            outs.append(self._attend(q[r:r + T], p0, cache, x.dtype))
+            if fused is not None:  # compiled: each row over exactly its own keys, fixed order
+                outs.append(fused.attend_rows(q[r:r + T], cache.k, cache.v, p0, self.scale))
+            else:
+                outs.append(self._attend(q[r:r + T], p0, cache, x.dtype))
             r += T
         o = outs[0] if len(outs) == 1 else torch.cat(outs)  # [sum T, nh*hd]
         return self._out(o, gate, ops)
@@ -501,12 +523,9 @@ class GatedDeltaNet(nn.Module):
         conv and recurrence stacked (elementwise ops and a per-matrix bmm: each sequence's rows
         and states get the bits they get alone). With the compiled kernel, everything between
         the two projections is one fused call per sequence (`_fused_step`)."""
-        if ops is EXACT_ROWMM:
-            from .kernels import get_gdn_core
-
-            core = get_gdn_core()
-            if core is not None:
-                return self._fused_step(x, lengths, caches, core, ops)
+        fused = ops.fused
+        if fused is not None:
+            return self._fused_step(x, lengths, caches, fused.gdn_core, ops)
         mixed, z, beta, g = self._inputs(x, ops)
         if len(lengths) == 1:  # decode / verify of one sequence
             return self._out(self._one(mixed, beta, g, caches[0], ops), z, x.dtype, ops)
@@ -685,6 +704,10 @@ class MoE(nn.Module):
         N, H = x.shape
         E, I, Is = self.E, self.I, self.shared.I
         y = ops.lin(x, w1)  # [N, E + 1 + E*2I + 2Is]
+        fused = ops.fused
+        if fused is not None:  # routing + every activation in one compiled call
+            act = fused.moe_act(y.float().contiguous(), E, I, Is, self.top_k, bool(self.norm_topk), x.dtype)
+            return ops.lin(act, w2)
         probs = torch.softmax(y[:, :E], dim=-1, dtype=torch.float32)
         w, idx = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk:
@@ -767,13 +790,13 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(rms_norm(x, self.post_norm, self.eps), mlp_ops)
 
     def step_many(self, x, rope, spans, caches, ops: Ops = EXACT):  # exact: x [sum T_i, H]
-        h = rms_norm(x, self.input_norm, self.eps)
+        h = ops.norm(x, self.input_norm, self.eps)
         if self.is_attn:
             h = self.mixer.step_many(h, rope, spans, caches, ops)
         else:
             h = self.mixer.step_many(h, [T for _, T in spans], caches, ops)
         x = x + h
-        return x + self.mlp(rms_norm(x, self.post_norm, self.eps), ops)
+        return x + self.mlp(ops.norm(x, self.post_norm, self.eps), ops)
 
 
 class Qwen35Model(nn.Module):
@@ -865,7 +888,7 @@ class Qwen35Model(nn.Module):
         x = F.embedding(ids, self.embed)
         for i, layer in enumerate(self.layers):
             x = layer.step_many(x, self.rope, spans, [c.layers[i] for c in caches], ops)
-        post = rms_norm(x, self.norm, self.eps)
+        post = ops.norm(x, self.norm, self.eps)
         return post, x, self.logits(post, ops.lin)
 
     def set_kernel(self, kernel: str) -> str:
