@@ -1,7 +1,7 @@
 """Stage v2-3: continue the v1 trunk on code text + chats, with 65536 positions.
 
     python recipes/default_model/chat_trunk.py tokenize            # v2 tokenizer -> *_v2_ids.npy + doc offsets
-    python recipes/default_model/chat_trunk.py train --minutes 28   # -> runs/default_model/trunk_v2/
+    python recipes/default_model/chat_trunk.py train --minutes 28   # -> runs/default_model/trunk_v2/ (+ train_log.jsonl)
 
 Starts from the v1 trunk (--init: a checkpoint folder with the v1 backbone; the v1 recipe's
 runs/default_model/trunk, or the shipped v1 asset). The embedding (tied with the lm_head) grows
@@ -29,6 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import trunk  # noqa: E402
+from chats import ANSWER_SEP  # noqa: E402
 
 
 def _encode_docs(tok, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -38,9 +39,14 @@ def _encode_docs(tok, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     tools = np.asarray(["\n<tools>\n" in d for d in docs], dtype=bool)
     ids, starts = [], []
     for i in range(0, len(docs), 256):
-        for enc in tok.encode_batch(docs[i:i + 256]):
+        parts = [d.split(ANSWER_SEP) for d in docs[i:i + 256]]  # prompt and answer tokenized apart
+        flat = tok.encode_batch([p for ps in parts for p in ps])
+        j = 0
+        for ps in parts:
             starts.append(len(ids))
-            ids.extend(enc.ids)
+            for enc in flat[j:j + len(ps)]:
+                ids.extend(enc.ids)
+            j += len(ps)
             ids.append(eos)
     return np.asarray(ids, dtype=np.uint16), np.asarray(starts, dtype=np.int64), tools
 
@@ -148,7 +154,8 @@ def cmd_train(args) -> None:
     mix = Mixer(work, args)
     held_code = np.load(work / "code_heldout_v2_ids.npy")
     out = args.out
-    log = (work / "train_v2_log.jsonl").open("w")
+    out.mkdir(parents=True, exist_ok=True)
+    log = (out / "train_log.jsonl").open("w")
     before = trunk.evaluate(model, held_code, 256)
     log.write(json.dumps({"step": 0, "heldout_code_ce": round(before, 4)}) + "\n")
     meta = {"init": str(args.init), "seed": args.seed, "batch": args.batch, "seq": args.seq,

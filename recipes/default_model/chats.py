@@ -336,6 +336,13 @@ def public(tool: dict) -> dict:
 
 # ---- documents -------------------------------------------------------------------------------
 
+# Between a document's prompt and its answer: the two are tokenized apart, as at inference (the
+# server encodes the rendered prompt, then the model's tokens follow). Tokenized as one text,
+# "</think>\n\n" + "```" would split "\n\n" into two tokens where a prompt ends in one "\n\n"
+# token, and the model would learn that after that token only a tool call ever follows.
+ANSWER_SEP = "\x1e"
+
+
 class Renderer:
     def __init__(self, tokenizer):
         self.tok = tokenizer
@@ -345,7 +352,8 @@ class Renderer:
                                               enable_thinking=thinking)
         if thinking:
             answer = f"{reasoning}\n</think>\n\n{answer}"
-        return prompt + answer + "<|im_end|>\n"
+        assert ANSWER_SEP not in prompt and ANSWER_SEP not in answer
+        return prompt + ANSWER_SEP + answer + "<|im_end|>\n"
 
 
 def eval_doc(R: Renderer, rec: dict) -> str:

@@ -44,21 +44,39 @@ def assemble(trunk: Path, tokenizer_dir: Path, dst: Path) -> Path:
     return dst
 
 
+def trunk_chain(trunk: Path) -> list[dict]:
+    """The training runs behind a trunk, oldest first: each run's trunk_meta.json names the folder
+    it started from (`init`); the v1 trunk's numbers come from its recipe.json when present."""
+    chain, folder = [], trunk
+    while folder is not None:
+        meta_file, recipe_file = folder / "trunk_meta.json", folder / "recipe.json"
+        if meta_file.is_file():
+            meta = json.loads(meta_file.read_text())
+            chain.append({"folder": str(folder), **meta})
+            folder = Path(meta["init"]) if meta.get("init") else None
+        else:
+            if recipe_file.is_file():
+                chain.append({"folder": str(folder), "v1": json.loads(recipe_file.read_text()).get("trunk")})
+            folder = None
+    return chain[::-1]
+
+
 def head_corpus(work: Path, checkpoint: Path) -> tuple[list[str], list[str]]:
     """Training docs: stdlib code + the chat documents; held-out docs: held-out code and the
     evaluation records with their reference answers, so acceptance is measured on both."""
-    from chats import Renderer, eval_doc
+    from chats import ANSWER_SEP, Renderer, eval_doc
 
     from mtplx.tokenizer import Tokenizer
 
     eos = common.EOS
-    split = lambda name: [d for d in (work / name).read_text(encoding="utf-8").split(eos) if d.strip()]  # noqa: E731
+    split = lambda name: [d.replace(ANSWER_SEP, "") for d in  # noqa: E731
+                          (work / name).read_text(encoding="utf-8").split(eos) if d.strip()]
     train = split("train.txt") + (split("chat_train.txt") if (work / "chat_train.txt").exists() else [])
     held = split("heldout.txt")
     if (work / "chat_eval.jsonl").exists():
         R = Renderer(Tokenizer.from_dir(checkpoint))
         recs = [json.loads(line) for line in (work / "chat_eval.jsonl").read_text().splitlines()]
-        held += [eval_doc(R, r) for r in recs]
+        held += [eval_doc(R, r).replace(ANSWER_SEP, "") for r in recs]
     return train, held
 
 
@@ -103,6 +121,7 @@ def main():
         if (args.out / extra).exists():
             (args.out / extra).unlink()
     trunk_meta = json.loads((args.trunk / "trunk_meta.json").read_text())
+    phases = trunk_chain(args.trunk)
     corpus_meta = json.loads((args.work / "corpus.json").read_text())
     chats_meta = json.loads((args.work / "chats.json").read_text()) if (args.work / "chats.json").exists() else None
     recipe = {
@@ -113,6 +132,7 @@ def main():
         "chats": chats_meta,
         "held_out_modules": list(common.HELD_OUT_MODULES),
         "trunk": trunk_meta,
+        "trunk_phases": phases,
         "head": {k: v for k, v in rep.to_dict().items() if k not in ("history",)},
         "head_seconds": round(time.time() - t0, 1),
     }

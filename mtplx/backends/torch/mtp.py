@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from mtplx.checkpoint.config import FULL_ATTENTION, ModelConfig
 
-from .model import FEW_ROWS, PLAIN, DecoderLayer, rms_norm
+from .model import EXACT_ROWMM, FEW_ROWS, PLAIN, DecoderLayer, rms_norm
 
 
 # Up to this many rows (the draft steps and the verified pairs of one cycle) the head's MLP
@@ -78,16 +78,26 @@ class MtpHead(nn.Module):
     def draft_lm_head(self) -> str:
         return "full" if self._draft_lm is None else "int8"
 
-    def _draft_logits(self, g: torch.Tensor) -> torch.Tensor:  # g [n, H] -> [n, V]
+    def _draft_logits(self, g: torch.Tensor, ops=None) -> torch.Tensor:  # g [n, H] -> [n, V]
         if self._draft_lm is None:
-            return self.target.logits(g)
-        return self._draft_lm.linear(g)
+            return self.target.logits(g) if ops is None else self.target.logits(g, ops.lin)
+        return self._draft_lm.linear(g) if ops is None else ops.lin(g, self._draft_lm)
 
-    def _fc_in(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+    def _compiled(self, n_rows: int):
+        """The compiled kernels (model.EXACT_ROWMM) for a few rows when the target uses them, else
+        None. Drafting needs speed, not bits: a draft only proposes, verify decides; every kernel
+        there is row-invariant anyway, so a session's drafts do not depend on its batch."""
+        if n_rows > FEW_ROWS_MAX or getattr(self.target, "kernel", "torch") != "rowmm" or EXACT_ROWMM.fused is None:
+            return None
+        return EXACT_ROWMM
+
+    def _fc_in(self, hidden: torch.Tensor, next_ids: torch.Tensor, ops=None) -> torch.Tensor:
         """hidden [..., H], next_ids [...] -> u [..., H]."""
-        e = rms_norm(F.embedding(next_ids, self.target.embed), self.norm_emb, self.eps)
-        hh = rms_norm(hidden.to(e.dtype), self.norm_hid, self.eps)
-        return F.linear(torch.cat([e, hh], dim=-1), self.fc)
+        norm = rms_norm if ops is None else ops.norm
+        e = norm(F.embedding(next_ids, self.target.embed), self.norm_emb, self.eps)
+        hh = norm(hidden.to(e.dtype), self.norm_hid, self.eps)
+        x = torch.cat([e, hh], dim=-1)
+        return F.linear(x, self.fc) if ops is None else ops.lin(x, self.fc)
 
     def forward_train(self, hidden: torch.Tensor, next_ids: torch.Tensor, return_hidden: bool = False):
         """Teacher-forced head over whole sequences (autograd-safe).
@@ -107,6 +117,11 @@ class MtpHead(nn.Module):
         the head's KV cache (`AttnCache`) holding positions < pos0. Writes T entries.
         -> (g [T, H] post mtp.norm, u [T, H] pre mtp.norm, logits [T, V]). drafting: logits of the
         last row only ([1, V], the one a draft reads), through the draft lm_head."""
+        ops = self._compiled(hidden.shape[0])
+        if ops is not None:
+            u = self.layers[0].step(self._fc_in(hidden, next_ids, ops), self.target.rope, pos0, cache, ops)
+            g = ops.norm(u, self.norm, self.eps)
+            return g, u, (self._draft_logits(g[-1:], ops) if drafting else self.target.logits(g, ops.lin))
         mlp_ops = FEW_ROWS if hidden.shape[0] <= FEW_ROWS_MAX else PLAIN
         u = self._fc_in(hidden, next_ids)[None]
         u = self.layers[0](u, self.target.rope, pos0, cache, mlp_ops)[0]
@@ -120,11 +135,16 @@ class MtpHead(nn.Module):
         head positions spans[i] = (pos0_i, T_i) with its own cache. -> (g [N, H], u [N, H], the
         draft logits of each sequence's last row [n_seq, V])."""
         N = hidden.shape[0]
+        last = torch.tensor([sum(T for _, T in spans[:i + 1]) - 1 for i in range(len(spans))], device=hidden.device)
+        ops = self._compiled(N)
+        if ops is not None:
+            u = self.layers[0].step_many(self._fc_in(hidden, next_ids, ops), self.target.rope, spans, caches, ops)
+            g = ops.norm(u, self.norm, self.eps)
+            return g, u, self._draft_logits(g[last], ops)
         mlp_ops = FEW_ROWS if N <= FEW_ROWS_MAX else PLAIN
         u = self._fc_in(hidden, next_ids)
         u = self.layers[0].forward_many(u, self.target.rope, spans, caches, mlp_ops)
         g = rms_norm(u, self.norm, self.eps)
-        last = torch.tensor([sum(T for _, T in spans[:i + 1]) - 1 for i in range(len(spans))], device=g.device)
         return g, u, self._draft_logits(g[last])
 
 
