@@ -8,7 +8,7 @@ What it does (not part of the test run; the first run builds llama.cpp, ~5-15 mi
 1. llama.cpp from the source vendored in the pinned `llama-cpp-python` sdist (pip download),
    built with cmake into --cache (only `llama-bench`, GGML_NATIVE);
 2. each checkpoint (the embedded default model; random Qwen3.5-0.8B-shaped dense and
-   Qwen3.5-MoE-shaped (64 experts top-8) ones with a 4096-token vocabulary) converted to GGUF
+   Qwen3.5-MoE-shaped (64 experts top-8) ones with the default model's 4104-row vocabulary) converted to GGUF
    by llama.cpp's own converter (told that our byte-level BPE splits like GPT-2), in F32 / BF16;
 3. llama.cpp: `llama-bench` text generation (-n) gives ms/token; prompt batches of k tokens
    (-p k) give r(k) = time of one k-token forward / time of one decode step;
@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 SDIST = "llama-cpp-python==0.3.36"
+VOCAB = 4104  # the default model's tokenizer (4102 ids, padded rows), copied into the random checkpoints
 CACHE = Path(os.environ.get("MTPLX_LLAMACPP_CACHE", Path.home() / ".cache" / "mtplx" / "llama.cpp-0.3.36"))
 
 
@@ -164,11 +165,11 @@ def checkpoints(names: list[str], dtype: str, work: Path) -> dict[str, Path]:
     from mtplx.checkpoint.synthetic import preset_config, write_synthetic_checkpoint
 
     shapes = {
-        "dense08b": ("qwen3.5-0.8b", dict(hidden_size=1024, num_hidden_layers=24, vocab_size=4096,
+        "dense08b": ("qwen3.5-0.8b", dict(hidden_size=1024, num_hidden_layers=24, vocab_size=VOCAB,
                                           num_attention_heads=8, num_key_value_heads=2, head_dim=256,
                                           intermediate_size=3584, linear_num_key_heads=16, linear_num_value_heads=16,
                                           linear_key_head_dim=128, linear_value_head_dim=128)),
-        "moe": ("qwen3.5-35b-a3b", dict(hidden_size=1024, num_hidden_layers=12, vocab_size=4096,
+        "moe": ("qwen3.5-35b-a3b", dict(hidden_size=1024, num_hidden_layers=12, vocab_size=VOCAB,
                                         num_attention_heads=8, num_key_value_heads=2, head_dim=256,
                                         linear_num_key_heads=16, linear_num_value_heads=16, linear_key_head_dim=128,
                                         linear_value_head_dim=128, num_experts=64, num_experts_per_tok=8,
@@ -185,6 +186,8 @@ def checkpoints(names: list[str], dtype: str, work: Path) -> dict[str, Path]:
             print(f"writing a random {name} checkpoint ({dtype}) ...", flush=True)
             write_synthetic_checkpoint(folder, preset_config(preset, **over), seed=0,
                                        dtype="float32" if dtype == "f32" else "bfloat16")
+            for f in ("tokenizer.json", "tokenizer_config.json"):  # a real BPE (merges) for the converter
+                shutil.copy2(DEFAULT_MODEL_DIR / f, folder / f)
         out[name] = folder
     return out
 

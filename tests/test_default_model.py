@@ -1,6 +1,8 @@
 """The embedded default model: present in the package, passes inspect with its MTP head (MoE,
-embedded, HF names), ships a ChatML tokenizer, loads as the default of `mtplx.load()`, and
-greedy MTP decoding emits exactly the depth-0 tokens on it."""
+embedded, HF names), ships a ChatML tokenizer with the tool / think markers as single tokens and
+the Qwen3.5-structured chat template, has 65536 positions, loads as the default of
+`mtplx.load()`, greedy MTP decoding emits exactly the depth-0 tokens on it (code, chat and
+tool prompts), and a tool task through the Python API comes back as a parsed call."""
 
 from __future__ import annotations
 
@@ -73,3 +75,102 @@ def test_default_load_and_greedy_mtp_parity(one_thread):
         out = mtplx.generate(model, PROMPT, params, depth=depth)
         assert out.token_ids == base.token_ids, depth
         assert out.text == base.text
+
+
+MARKERS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>")
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the weather.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TOOLS_SYSTEM = (
+    "<|im_start|>system\n# Tools\n\nThese functions are available to you:\n\n<tools>\n"
+    '{"type": "function", "function": {"name": "get_weather", "description": "Get the weather.", '
+    '"parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}\n'
+    "</tools>\n\nTo call a function, reply with exactly this nesting and nothing after it:\n\n"
+    "<tool_call>\n<function=function_name>\n<parameter=first_parameter>\nvalue\n</parameter>\n"
+    "<parameter=second_parameter>\na value that may\nrun over several lines\n</parameter>\n</function>\n"
+    "</tool_call>\n\n<IMPORTANT>\n"
+    "- Every call is one <function=...></function> block inside <tool_call></tool_call> tags.\n"
+    "- Give every required parameter.\n"
+    "- You may explain your reasoning in plain text before a call, never after it.\n"
+    "- If no function fits, answer normally and do not mention functions.\n</IMPORTANT>")
+
+
+@pytest.fixture(scope="module")
+def model():
+    import mtplx
+
+    return mtplx.load()
+
+
+def test_markers_are_single_text_tokens(model):
+    tok = model.tokenizer
+    for m in MARKERS:
+        ids = tok.encode(m)
+        assert len(ids) == 1, (m, ids)
+        assert tok.decode(ids) == m  # added, not special: decoded as text for the parsers
+    assert tok.decode(tok.encode("<|im_end|>")) == ""
+    assert model.config.max_position_embeddings >= 65536
+
+
+def test_template_renders_tools_calls_results_thinking(model):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "reasoning_content": "The user wants the weather.",
+         "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "18C, sunny"},
+    ]
+    text = model.tokenizer.apply_chat_template(messages, tools=[WEATHER], enable_thinking=True)
+    assert text == (
+        TOOLS_SYSTEM + "\n\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nWeather in Paris?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\nThe user wants the weather.\n</think>\n\n"
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>"
+        "<|im_end|>\n"
+        "<|im_start|>user\n<tool_response>\n18C, sunny\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n")
+    # thinking off (the default): the generation prompt carries an empty block; an earlier turn's
+    # reasoning (before the last real user query) is dropped
+    later = messages + [{"role": "assistant", "content": "It is 18C and sunny."},
+                        {"role": "user", "content": "Thanks"}]
+    text = model.tokenizer.apply_chat_template(later, tools=[WEATHER])
+    assert text.endswith(
+        "<|im_start|>assistant\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+        "</function>\n</tool_call><|im_end|>\n"
+        "<|im_start|>user\n<tool_response>\n18C, sunny\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\nIt is 18C and sunny.<|im_end|>\n"
+        "<|im_start|>user\nThanks<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+CHAT = [{"role": "user", "content": "What does `heapq.heappush` do?"}]
+TOOL_TASK = [{"role": "user", "content": "Please get the weather for city Oslo."}]
+
+
+def test_greedy_mtp_parity_on_chat_and_tool_prompts(model, one_thread):
+    import mtplx
+    from mtplx.decoding.params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=48)
+    for messages, kw in ((CHAT, {}), (TOOL_TASK, {"tools": [WEATHER]}), (CHAT, {"enable_thinking": True})):
+        base = mtplx.generate(model, messages, params, depth=0, chat_kwargs=kw)
+        for depth in (2, 3):
+            out = mtplx.generate(model, messages, params, depth=depth, chat_kwargs=kw)
+            assert out.token_ids == base.token_ids, (messages, kw, depth)
+
+
+def test_chat_turn_ends(model, one_thread):
+    import mtplx
+    from mtplx.decoding.params import SamplingParams
+
+    r = mtplx.generate(model, CHAT, SamplingParams(temperature=0.0, max_tokens=256), depth=3)
+    assert r.finish_reason == "stop" and r.token_ids[-1] == model.tokenizer.token_to_id("<|im_end|>"), r.text
+
+
+def test_tool_task_through_the_python_api(model, one_thread):
+    import mtplx
+    from mtplx.decoding.params import SamplingParams
+
+    reply = mtplx.chat(model, TOOL_TASK, tools=[WEATHER], params=SamplingParams(temperature=0.0, max_tokens=128))
+    assert reply.finish_reason == "tool_calls", reply.result.text
+    assert [(c.name, c.arguments) for c in reply.tool_calls] == [("get_weather", {"city": "Oslo"})]
+    assert not reply.failures
