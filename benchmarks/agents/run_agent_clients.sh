@@ -20,7 +20,8 @@
 #
 # Slim mode. Out of the box the CLIs send big prompts (measured with the default model's
 # tokenizer: Claude Code ~28k tokens, 24 tools, max_tokens 32000; Codex ~14k tokens, 9 tools)
-# which cannot fit the embedded default model's 4096-token context. Slim mode trims them
+# which the embedded default model's 65536 positions hold, but which take it a while to
+# prefill on a small CPU and which it was not trained on. Slim mode trims them
 # (~1.1k / ~2.8k tokens) while keeping one tool-calling turn: Claude Code gets --bare, a short
 # --system-prompt, --tools Bash (not pre-approved, so a Bash call is answered "permission
 # denied" and the turn goes on) and CLAUDE_CODE_MAX_OUTPUT_TOKENS=256; Codex gets a short
