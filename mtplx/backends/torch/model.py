@@ -8,9 +8,12 @@ a few of them (q|k|v, in_proj qkv|z|b|a, gate|up) into one matrix per module.
 Two forward paths:
 - parallel (`forward_hidden`, `prefill`): whole sequences, chunked GatedDeltaNet, SDPA;
   autograd-safe, used for prompts and for training an MTP head;
-- exact (`step`): the path of decode AND verify. Every kernel sees the same shapes whatever the
-  number of rows fed (1 for decode, D+1 for verify), so verify row i is bit-identical to a
-  one-token decode at that position:
+- exact (`step`): the path of decode AND verify. On x86 CPUs it runs through the compiled
+  fixed-order kernels of kernels.py (Ops `EXACT_ROWMM`: matmuls, the GatedDeltaNet step between
+  its projections, attention over the cache, norms, dense-MoE activations; row invariant by
+  construction, docs/kernels.md). The pure-torch exact path (Ops `EXACT`, the fallback) keeps
+  every kernel on the same shapes whatever the number of rows fed (1 for decode, D+1 for
+  verify), so verify row i is bit-identical to a one-token decode at that position:
   * linears go through `exact_linear`, which pads the row count to a multiple of the dtype's
     row group (see ROW_GROUP: on x86 MKL a 1-row fp32 matmul, a 2-3 row one and a >=4 row one
     use three different kernels; bf16 gives the same bits for any row count);
@@ -572,8 +575,9 @@ class GatedDeltaNet(nn.Module):
             part = yf[r:r + T]
             o, states = core(part[:, :C].contiguous(), part[:, C + vd:C + vd + nv].contiguous(),
                              part[:, C + vd + nv:].contiguous(), part[:, C:C + vd].contiguous(),
-                             cache.conv.float().contiguous(), self.conv_w.contiguous(), self.A_log.contiguous(), self.dt_bias.contiguous(),
-                             cache.state.contiguous(), gnorm, self.nk, self.dk, self.dv, self.eps)
+                             cache.conv.float().contiguous(), self.conv_w.contiguous(), self.A_log.contiguous(),
+                             self.dt_bias.contiguous(), cache.state.contiguous(), gnorm,
+                             self.nk, self.dk, self.dv, self.eps)
             cache.record(y[r:r + T, :C], list(states.unbind(0)))
             outs.append(o)
             r += T
