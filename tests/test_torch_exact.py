@@ -254,6 +254,34 @@ def test_fused_kernel_path_matches_torch_path_and_verify_equals_decode(kind):
     assert torch.allclose(got["rowmm"], got["torch"], atol=1e-4, rtol=1e-4), (got["rowmm"] - got["torch"]).abs().max()
 
 
+def test_rowmm_bf16_dot_path_row_and_thread_invariant():
+    """The AVX512-BF16 build's bf16 x bf16 matmul (what a bf16 model's exact path uses there):
+    rows of 1..16-row calls equal the row alone at 1 and 2 threads, odd K and N, close to fp32."""
+    if not rowmm_available():
+        pytest.skip("no fixed-order kernel on this CPU / without a compiler")
+    from mtplx.backends.torch import kernels
+
+    dot = kernels.rowmm_bf16_fn()
+    if dot is None:
+        pytest.skip("this CPU has no AVX512-BF16")
+    g = torch.Generator().manual_seed(5)
+    prev = torch.get_num_threads()
+    try:
+        for N, K in ((37, 96), (41, 101), (9, 7), (300, 1030)):
+            w = torch.randn(N, K, generator=g).bfloat16()
+            x = torch.randn(16, K, generator=g).bfloat16()
+            torch.set_num_threads(1)
+            y = dot(x, w)
+            assert torch.allclose(y, x.float() @ w.float().T, atol=1e-4 * K ** 0.5, rtol=1e-4)
+            for m in range(1, 17):
+                assert torch.equal(dot(x[:m].contiguous(), w), y[:m]), (N, K, m)
+            assert torch.equal(torch.stack([dot(x[r:r + 1].contiguous(), w)[0] for r in range(16)]), y)
+            torch.set_num_threads(2)
+            assert torch.equal(dot(x, w), y)
+    finally:
+        torch.set_num_threads(prev)
+
+
 def test_kernel_builds_where_the_cpu_and_a_compiler_allow():
     """On an x86 CPU with AVX2 or AVX-512 and a C++ compiler the kernel must build (a silent
     fallback would hide a broken kernel source behind skipped tests)."""

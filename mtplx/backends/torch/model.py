@@ -146,6 +146,12 @@ def rowmm_linear(x: torch.Tensor, w) -> torch.Tensor:
             return exact_linear(x, w)
         if x.dtype == torch.float32 and x.dim() == 2:
             return fn(x, w)
+        if x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16:
+            from .kernels import rowmm_bf16_fn
+
+            dot = rowmm_bf16_fn()
+            if dot is not None:
+                return dot(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], -1).to(x.dtype)
         return fn(x.reshape(-1, x.shape[-1]).float(), w).reshape(*x.shape[:-1], -1).to(x.dtype)
     if hasattr(w, "q") and w.q.is_contiguous():
         return fn(x.reshape(-1, x.shape[-1]).float(), w.q, w.scale_f32).reshape(*x.shape[:-1], -1).to(x.dtype)
