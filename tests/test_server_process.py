@@ -169,7 +169,7 @@ got = b""
 while STREAM and got.count(b"data: ") < 3:
     got += s.recv(4096)
 if not STREAM:
-    import time; time.sleep(0.5)  # the generation is under way (the server answers only at the end)
+    import time; time.sleep(0.2)  # the generation is under way (the server answers only at the end)
 print("streaming", flush=True)
 import time; time.sleep(60)
 """
@@ -184,7 +184,8 @@ def _metric(text: str, name: str) -> float:
 def test_client_killed_mid_stream(server, stream):
     cancelled = 'mtplx_generations_total{outcome="cancelled"}'
     before = _metric(httpx.get(server.base_url + "/metrics").text, cancelled)
-    child = subprocess.Popen([sys.executable, "-c", _KILLED_CLIENT % (stream, 400, server.port)], stdout=subprocess.PIPE,
+    # long enough that the generation cannot finish before the kill, however fast decoding is
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_CLIENT % (stream, 3000, server.port)], stdout=subprocess.PIPE,
                              text=True)
     try:
         assert child.stdout.readline().strip() == "streaming"
