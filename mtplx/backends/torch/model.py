@@ -41,6 +41,8 @@ import torch.nn.functional as F
 
 from mtplx.checkpoint.config import FULL_ATTENTION, ModelConfig
 
+from . import kernels
+
 # ---- numerics -------------------------------------------------------------------------------
 
 # Pad the rows of every exact-path matmul up to a multiple of this (per dtype). Measured on
@@ -122,11 +124,7 @@ class Ops:
 
     @property
     def fused(self):  # the compiled fused ops (kernels.get_fused), or None
-        if not self.compiled:
-            return None
-        from .kernels import get_fused
-
-        return get_fused()
+        return kernels.get_fused() if self.compiled else None
 
     def norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         f = self.fused
@@ -136,9 +134,7 @@ class Ops:
 def rowmm_linear(x: torch.Tensor, w) -> torch.Tensor:
     """Exact-path linear through the fixed-order kernel (kernels.py): fp32 / bf16 / fp16 weights
     and int8 ones (int8.Int8Weight) alike; a weight it cannot take goes to exact_linear."""
-    from .kernels import rowmm_fn
-
-    fn = rowmm_fn()
+    fn = kernels.rowmm_fn()
     if fn is None:
         return exact_linear(x, w)
     if isinstance(w, torch.Tensor):
@@ -147,9 +143,7 @@ def rowmm_linear(x: torch.Tensor, w) -> torch.Tensor:
         if x.dtype == torch.float32 and x.dim() == 2:
             return fn(x, w)
         if x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16:
-            from .kernels import rowmm_bf16_fn
-
-            dot = rowmm_bf16_fn()
+            dot = kernels.rowmm_bf16_fn()
             if dot is not None:
                 return dot(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], -1).to(x.dtype)
         return fn(x.reshape(-1, x.shape[-1]).float(), w).reshape(*x.shape[:-1], -1).to(x.dtype)
@@ -907,16 +901,11 @@ class Qwen35Model(nn.Module):
         Set it before creating sessions; a session must not change kernels mid-sequence.
         Returns the kernel in use."""
         if kernel == "auto":
-            from .kernels import get_rowmm
-
-            kernel = "rowmm" if (self.device.type == "cpu" and get_rowmm() is not None) else "torch"
+            kernel = "rowmm" if (self.device.type == "cpu" and kernels.get_rowmm() is not None) else "torch"
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be 'torch', 'rowmm' or 'auto', got {kernel!r}")
-        if kernel == "rowmm":
-            from .kernels import get_rowmm, kernel_error
-
-            if self.device.type != "cpu" or get_rowmm() is None:
-                raise RuntimeError(f"the rowmm kernel is unavailable: {kernel_error() or 'not a CPU model'}")
+        if kernel == "rowmm" and (self.device.type != "cpu" or kernels.get_rowmm() is None):
+            raise RuntimeError(f"the rowmm kernel is unavailable: {kernels.kernel_error() or 'not a CPU model'}")
         self.kernel = kernel
         return kernel
 
