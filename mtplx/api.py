@@ -91,6 +91,9 @@ class Model:
         cache_dir adds the disk tier (kept across restarts). Returns the PrefixCache."""
         from mtplx.prefix import make_prefix_cache
 
+        if self.load_options.get("tp", 1) > 1:
+            raise ValueError("the prefix cache does not run under tensor parallelism yet (--tp): each rank "
+                             "holds a slice of the caches; run without a prefix cache (serve --no-prefix-cache)")
         self.prefix_cache = make_prefix_cache(self, gb=gb, block=block, ttl_s=ttl_s, cache_dir=cache_dir,
                                               disk_gb=disk_gb)
         return self.prefix_cache
@@ -148,6 +151,7 @@ def load(path: str | Path | None = None, backend: str | None = None, dtype: str 
         from mtplx.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_dir(path)
+    tp = int(options.pop("tp", None) or 1)
     if backend == "torch":
         import torch
 
@@ -155,9 +159,20 @@ def load(path: str | Path | None = None, backend: str | None = None, dtype: str 
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or ("bfloat16" if device != "cpu" else "float32")
+        if tp > 1:  # tensor parallel: this process is rank 0 (mtplx.backends.torch.tp)
+            from mtplx.backends.torch.tp_launch import load_parallel
+
+            m = load_parallel(path, tp, dtype, device, threads=options.pop("threads", None), **options)
+            return Model("torch", m, cfg, tokenizer, path, str(m.dtype).replace("torch.", ""), str(device),
+                         load_options=dict(options, tp=tp))
+        options.pop("threads", None)
         m = load_torch_model(path, dtype=dtype, device=device, config=cfg, **options)
         return Model("torch", m, cfg, tokenizer, path, str(m.dtype).replace("torch.", ""), str(device),
                      load_options=dict(options))
+    options.pop("threads", None)
+    if tp > 1:
+        raise ValueError("tensor parallelism on the MLX backend runs under mlx.launch (docs/tensor-parallel.md); "
+                         "on this command use --backend torch for --tp")
     from mtplx.backends.mlx import default_dtype, device_name, load_mlx_model
 
     torch_only = sorted(set(options) & {"quantize", "kernel", "draft_lm_head"})

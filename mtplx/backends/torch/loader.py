@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from mtplx.checkpoint.config import ModelConfig, load_config
 from mtplx.checkpoint.errors import CheckpointError
+from mtplx.checkpoint.shard import local_config, shard_rule, take_shard, vocab_slice
 
 from .model import Qwen35Model
 from .mtp import MtpHead
@@ -187,12 +188,16 @@ def _checkpoint_bytes(path: Path) -> int:
 def load_torch_model(source, dtype=torch.bfloat16, device="cpu", *, config: ModelConfig | None = None,
                      include_mtp: bool = True, progress: bool | None = None, mtp_hidden: str = "post",
                      source_norm_convention="auto", kernel: str | None = None,
-                     quantize: str | None = None, draft_lm_head: str = "auto") -> Qwen35Model:
+                     quantize: str | None = None, draft_lm_head: str = "auto",
+                     shard: tuple[int, int] | None = None) -> Qwen35Model:
     """Load a model from a checkpoint folder, a canonical (name, array) iterable, or a raw tensor
     mapping (+ config). Returns an eval-mode Qwen35Model with `model.mtp` set when the checkpoint
     has a head (and include_mtp). kernel: exact-path linears, "auto" (default, or $MTPLX_KERNEL: the compiled kernel where the CPU has it), "torch",
     "rowmm" (compiled fixed-order CPU kernel, built once on first use) or "auto". draft_lm_head:
-    the lm_head precision the MTP head drafts with, "auto" | "int8" | "full" (MtpHead.set_draft_lm_head)."""
+    the lm_head precision the MTP head drafts with, "auto" | "int8" | "full" (MtpHead.set_draft_lm_head).
+    shard: (rank, world) loads only that tensor-parallel rank's slice of every tensor
+    (mtplx.checkpoint.shard; a memory-mapped checkpoint then reads only those bytes): the model
+    of one rank, to be run by mtplx.backends.torch.tp."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} not supported; use one of {sorted(DTYPES)}")
@@ -220,7 +225,7 @@ def load_torch_model(source, dtype=torch.bfloat16, device="cpu", *, config: Mode
     else:
         raise TypeError(f"load_torch_model: expected a folder, a mapping or an iterable, got {type(source).__name__}")
 
-    model = build_model(cfg, dtype, device, mtp_layers=0)
+    model = _build(cfg, dtype, device, shard)
     if mtp_hidden not in ("post", "pre"):
         raise ValueError(f"mtp_hidden must be 'post' or 'pre', got {mtp_hidden!r}")
     model.mtp_hidden = mtp_hidden
@@ -234,7 +239,7 @@ def load_torch_model(source, dtype=torch.bfloat16, device="cpu", *, config: Mode
             m = re.match(r"^mtp\.layers\.(\d+)\.", name)
             n_layers = max(_mtp_layer_count(cfg), int(m[1]) + 1 if m else 1)
             with torch.device("meta"):
-                model.mtp = MtpHead(cfg, n_layers)
+                model.mtp = MtpHead(model.cfg, n_layers)
             _materialize(model.mtp, dtype, device)
             model.mtp.attach(model)
         try:
@@ -244,6 +249,8 @@ def load_torch_model(source, dtype=torch.bfloat16, device="cpu", *, config: Mode
                                   f"(layers={cfg.num_hidden_layers}, moe={cfg.is_moe}); is the config right?") from None
         if dst is None:
             return
+        if shard is not None:
+            arr = take_shard(arr, shard_rule(name, cfg, *shard))
         src = _to_torch(arr)
         if tuple(src.shape) != tuple(dst.shape):
             raise CheckpointError(f"{name}: shape {tuple(src.shape)} in the checkpoint, the config expects "
@@ -281,6 +288,9 @@ def load_torch_model(source, dtype=torch.bfloat16, device="cpu", *, config: Mode
     if quant_parts:
         raise CheckpointError(f"quantized module {next(iter(quant_parts))} lacks one of weight/scales/biases")
     _check_complete(model, filled, cfg)
+    if shard is not None and model.lm_head is None:  # tied: this rank's vocab rows of the embedding
+        a, b, _ = vocab_slice(cfg, *shard)
+        model.lm_head = nn.Parameter(model.embed[a:b], requires_grad=False)
     if quantize is not None:  # weight-only int8 on load (backends/torch/int8.py, docs/quantization.md)
         if quantize != "int8":
             raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
@@ -291,6 +301,20 @@ def load_torch_model(source, dtype=torch.bfloat16, device="cpu", *, config: Mode
     model.set_kernel(kernel)
     if model.mtp is not None:
         model.mtp.set_draft_lm_head(draft_lm_head)
+    return model
+
+
+def _build(cfg: ModelConfig, dtype, device, shard) -> Qwen35Model:
+    """The skeleton to fill: the whole model, or one tensor-parallel rank's shard of it (heads
+    and widths divided, its own slice of the lm_head rows)."""
+    if shard is None:
+        return build_model(cfg, dtype, device, mtp_layers=0)
+    rank, world = shard
+    model = build_model(local_config(cfg, world), dtype, device, mtp_layers=0)
+    if model.lm_head is not None:
+        a, b, _ = vocab_slice(cfg, rank, world)
+        model.lm_head = nn.Parameter(torch.empty(b - a, cfg.hidden_size, dtype=dtype, device=device),
+                                     requires_grad=False)
     return model
 
 

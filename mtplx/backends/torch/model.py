@@ -776,22 +776,27 @@ class DecoderLayer(nn.Module):
         self.post_norm = nn.Parameter(torch.ones(cfg.hidden_size, dtype=torch.float32))
         self.mixer = Attention(cfg) if self.is_attn else GatedDeltaNet(cfg)
         self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.tp = None  # tensor parallel (tp_comm.TensorParallel): mixer and MLP give partial sums
+
+    def _sum(self, h: torch.Tensor) -> torch.Tensor:
+        """A block's output: this rank's partial sum summed over the tensor-parallel ranks."""
+        return h if self.tp is None else self.tp.all_reduce(h)
 
     def forward(self, x, rope, pos0=0, cache=None, mlp_ops: Ops = PLAIN):  # parallel: x [B, T, H]
         h = rms_norm(x, self.input_norm, self.eps)
         h = self.mixer(h, rope, pos0, cache) if self.is_attn else self.mixer(h, cache)
-        x = x + h
+        x = x + self._sum(h)
         h = rms_norm(x, self.post_norm, self.eps)
         B, T, H = h.shape
-        return x + self.mlp(h.reshape(B * T, H), mlp_ops).reshape(B, T, H)
+        return x + self._sum(self.mlp(h.reshape(B * T, H), mlp_ops)).reshape(B, T, H)
 
     def step(self, x, rope, pos0, cache, ops: Ops = EXACT):  # exact: x [T, H]
         return self.step_many(x, rope, [(pos0, x.shape[0])], [cache], ops)
 
     def forward_many(self, x, rope, spans, caches, mlp_ops: Ops = PLAIN):  # parallel, attention only: x [N, H]
         h = self.mixer.forward_many(rms_norm(x, self.input_norm, self.eps), rope, spans, caches)
-        x = x + h
-        return x + self.mlp(rms_norm(x, self.post_norm, self.eps), mlp_ops)
+        x = x + self._sum(h)
+        return x + self._sum(self.mlp(rms_norm(x, self.post_norm, self.eps), mlp_ops))
 
     def step_many(self, x, rope, spans, caches, ops: Ops = EXACT):  # exact: x [sum T_i, H]
         h = ops.norm(x, self.input_norm, self.eps)
@@ -799,8 +804,8 @@ class DecoderLayer(nn.Module):
             h = self.mixer.step_many(h, rope, spans, caches, ops)
         else:
             h = self.mixer.step_many(h, [T for _, T in spans], caches, ops)
-        x = x + h
-        return x + self.mlp(ops.norm(x, self.post_norm, self.eps), ops)
+        x = x + self._sum(h)
+        return x + self._sum(self.mlp(ops.norm(x, self.post_norm, self.eps), ops))
 
 
 class Qwen35Model(nn.Module):
@@ -825,6 +830,7 @@ class Qwen35Model(nn.Module):
         self.kernel = "torch"  # exact-path linears: "torch" (row padding) | "rowmm" (compiled)
         self.batch_threads = None  # torch threads of a batched verify (set_batch_threads), None: as decode
         self.prefill_threads = None  # torch threads of prefill blocks, None: as decode (loader.apply_default_threads)
+        self.tp = None  # tensor parallel (tp_comm.TensorParallel): this model is one rank's shard
 
     # -- helpers
     @property
@@ -840,7 +846,12 @@ class Qwen35Model(nn.Module):
 
     def logits(self, h: torch.Tensor, lin=plain_linear) -> torch.Tensor:  # [..., H] -> [..., V]
         lead = h.shape[:-1]
-        return lin(h.reshape(-1, h.shape[-1]), self.head_weight()).reshape(*lead, -1)
+        out = lin(h.reshape(-1, h.shape[-1]), self.head_weight())
+        if self.tp is not None:  # this rank's vocab slice -> the whole vocab on rank 0 (None elsewhere)
+            out = self.tp.gather_vocab(out, self.cfg.vocab_size)
+            if out is None:
+                return None
+        return out.reshape(*lead, -1)
 
     # -- parallel path (training, prompts)
     def forward_hidden(self, ids: torch.Tensor, cache=None, pos0: int = 0, logits: str = "all"):
@@ -862,7 +873,8 @@ class Qwen35Model(nn.Module):
 
     @torch.inference_mode()
     def prompt_logits(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, V] (parallel path, no cache)
-        return self.forward_hidden(ids[None])[2][0]
+        logits = self.forward_hidden(ids[None])[2]
+        return None if logits is None else logits[0]
 
     def prefill(self, ids: torch.Tensor, cache):
         """ids [T] after cache.length positions -> (post [T, H], pre [T, H], last logits [V]);
@@ -871,7 +883,7 @@ class Qwen35Model(nn.Module):
         cache.ensure(pos0 + ids.shape[0])
         post, pre, last = self.forward_hidden(ids[None], cache, pos0, logits="last")
         cache.length = pos0 + ids.shape[0]
-        return post[0], pre[0], last[0]
+        return post[0], pre[0], (None if last is None else last[0])  # None: a tensor-parallel worker
 
     # -- exact path (decode and verify)
     def step(self, ids: torch.Tensor, cache):
@@ -927,6 +939,11 @@ class Qwen35Model(nn.Module):
         from .cache import ModelCache
 
         return ModelCache(self, max_len)
+
+    def new_head_cache(self, max_len: int):  # the MTP head's KV cache of one session
+        from .cache import AttnCache
+
+        return AttnCache(self.cfg.num_key_value_heads, self.cfg.head_dim, self.dtype, self.device, max_len)
 
     def new_session(self, max_context: int | None = None, hidden_source: str | None = None, **options):
         from .session import TorchSession

@@ -81,7 +81,9 @@ class MtpHead(nn.Module):
     def _draft_logits(self, g: torch.Tensor, ops=None) -> torch.Tensor:  # g [n, H] -> [n, V]
         if self._draft_lm is None:
             return self.target.logits(g) if ops is None else self.target.logits(g, ops.lin)
-        return self._draft_lm.linear(g) if ops is None else ops.lin(g, self._draft_lm)
+        out = self._draft_lm.linear(g) if ops is None else ops.lin(g, self._draft_lm)
+        tp = self.target.tp  # tensor parallel: this rank's vocab slice -> all of it on rank 0
+        return out if tp is None else tp.gather_vocab(out, self.target.cfg.vocab_size)
 
     def _compiled(self, n_rows: int):
         """The compiled kernels (model.EXACT_ROWMM) for a few rows when the target uses them, else

@@ -25,9 +25,7 @@ class TorchSession(SessionBase):
     def __init__(self, model, max_context: int | None = None, hidden_source: str | None = None,
                  prefix_cache=None, prefill_block: int | None = None):
         super().__init__(model, model.mtp, max_context, hidden_source, prefix_cache, prefill_block)
-        cfg = model.cfg
-        self.head_cache = (AttnCache(cfg.num_key_value_heads, cfg.head_dim, model.dtype, model.device,
-                                     self.max_context) if model.mtp is not None else None)
+        self.head_cache = model.new_head_cache(self.max_context) if model.mtp is not None else None
 
     def make_rng(self, seed: int | None) -> torch.Generator:
         return sampling.make_generator(seed, self.model.device)

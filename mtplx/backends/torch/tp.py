@@ -1,0 +1,207 @@
+"""Tensor parallelism: one model over N processes, rank 0 driving (launch: tp_launch.py).
+
+Every rank holds its shard (mtplx.checkpoint.shard) as an ordinary Qwen35Model whose decoder
+layers sum their partial outputs over the ranks (tp_comm.TensorParallel). Rank 0 runs
+everything else exactly as one process does: sessions, the decoding loop, sampling, acceptance,
+the server. What it hands a session as "the model" is a `ParallelModel`: each forward it runs
+(prefill, verify / decode step, MTP head rows, prompt logits) is first announced on the
+channel with its token ids, so that the other ranks (`serve_worker`) run the same forward on
+their shards in lockstep; the caches they fill are named by ids that rank 0 hands out. Only
+decided ids travel: rank 0 samples, accepts and rolls back, and a rollback (`keep`) rides along
+with the next forward. Logits exist on rank 0 only (gathered from the vocab slices).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from .tp_comm import (FREE, HEAD, KEEP, NEW_CACHE, NEW_HEAD_CACHE, PREFILL, PROMPT_LOGITS, SET_LENGTH, STEP,
+                      STOP, SYNC, Channel, TensorParallel)
+
+
+def attach(model, tp: TensorParallel) -> None:
+    """Make a rank's shard model sum its blocks over the ranks and gather its logits."""
+    model.tp = tp
+    layers = list(model.layers) + (list(model.mtp.layers) if model.mtp is not None else [])
+    for layer in layers:
+        layer.tp = tp
+
+
+class ParallelCache:
+    """Rank 0's handle of one cache: the local shard cache plus the id the other ranks know it by."""
+
+    def __init__(self, local, cid: int, channel: Channel):
+        self.__dict__.update(local=local, id=cid, _channel=channel)
+
+    def __getattr__(self, name):
+        return getattr(self.local, name)
+
+    def __setattr__(self, name, value):
+        if name == "length":  # prefix import moves the committed length: mirror it
+            self._channel.defer(SET_LENGTH, self.id, value)
+        setattr(self.local, name, value)
+
+    def keep(self, m: int) -> None:
+        self._channel.defer(KEEP, self.id, m)
+        self.local.keep(m)
+
+    def __del__(self):
+        try:
+            self._channel.defer(FREE, self.id)
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+class ParallelHead:
+    """Rank 0's MTP head: announces its row forwards, then runs them on its own shard."""
+
+    def __init__(self, local, owner: "ParallelModel"):
+        self.__dict__.update(local=local, _owner=owner)
+
+    def __getattr__(self, name):
+        return getattr(self.local, name)
+
+    def rows(self, hidden, next_ids, pos0: int, cache, drafting: bool = False):
+        ids = next_ids.tolist()
+        return self._owner.run(HEAD, [1, int(drafting), pos0, len(ids), cache.id, *ids], hidden,
+                               lambda: self.local.rows(hidden, next_ids, pos0, cache.local, drafting=drafting))
+
+    def rows_many(self, hidden, next_ids, spans, caches):
+        ints = [len(spans), 1, *(p for p, _ in spans), *(T for _, T in spans), *(c.id for c in caches),
+                *next_ids.tolist()]
+        return self._owner.run(HEAD, ints, hidden,
+                               lambda: self.local.rows_many(hidden, next_ids, spans, [c.local for c in caches]))
+
+
+class ParallelModel:
+    """Rank 0's view of a tensor-parallel model: what a TorchSession calls, announced to the
+    other ranks; every other attribute is the local shard's (cfg: the shard's config, whose
+    vocabulary and positions are the model's)."""
+
+    def __init__(self, local, tp: TensorParallel, workers=None):
+        self.__dict__.update(local=local, tp=tp, channel=Channel(tp), workers=workers, _ids=itertools.count(1),
+                             closed=False, broken=None)
+        self.__dict__["mtp"] = None if local.mtp is None else ParallelHead(local.mtp, self)
+
+    def __getattr__(self, name):
+        return getattr(self.local, name)
+
+    def __setattr__(self, name, value):
+        setattr(self.local, name, value)
+
+    # -- caches
+    def new_cache(self, max_len: int) -> ParallelCache:
+        cid = next(self._ids)
+        self.channel.defer(NEW_CACHE, cid, max_len)
+        return ParallelCache(self.local.new_cache(max_len), cid, self.channel)
+
+    def new_head_cache(self, max_len: int) -> ParallelCache:
+        cid = next(self._ids)
+        self.channel.defer(NEW_HEAD_CACHE, cid, max_len)
+        return ParallelCache(self.local.new_head_cache(max_len), cid, self.channel)
+
+    # -- forwards
+    def run(self, op: int, ints: list[int], tensor, forward):
+        """Announce a forward to the other ranks, then run it here. An error half-way (a rank
+        lost, an interrupt) leaves the ranks out of step: the model refuses further work."""
+        if self.broken is not None:
+            raise RuntimeError(f"this tensor-parallel model stopped after an error ({self.broken}); load it again")
+        try:
+            self.channel.send(op, ints, tensor)
+            return forward()
+        except BaseException as e:
+            lost = isinstance(e, RuntimeError) and "Connection closed" in str(e)
+            self.__dict__["broken"] = "a rank exited" if lost else type(e).__name__
+            if lost:
+                raise RuntimeError("a tensor-parallel rank exited (its connection closed); the model is stopped") from e
+            raise
+
+    def prefill(self, ids: torch.Tensor, cache: ParallelCache):
+        return self.run(PREFILL, [cache.id, *ids.tolist()], None, lambda: self.local.prefill(ids, cache.local))
+
+    def step(self, ids: torch.Tensor, cache: ParallelCache):
+        return self.step_many(ids, [ids.shape[0]], [cache])
+
+    def step_many(self, ids: torch.Tensor, lengths: list[int], caches: list):
+        ints = [len(lengths), *lengths, *(c.id for c in caches), *ids.tolist()]
+        return self.run(STEP, ints, None, lambda: self.local.step_many(ids, lengths, [c.local for c in caches]))
+
+    @torch.inference_mode()
+    def prompt_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.run(PROMPT_LOGITS, ids.tolist(), None, lambda: self.local.prompt_logits(ids))
+
+    def set_batch_threads(self, threads):  # a verify's bits must not depend on rank 0's thread count
+        return None
+
+    def new_session(self, max_context: int | None = None, hidden_source: str | None = None, **options):
+        from .session import TorchSession
+
+        return TorchSession(self, max_context=max_context, hidden_source=hidden_source, **options)
+
+    def sync(self) -> None:
+        """Send the waiting bookkeeping now (a forward would carry it anyway)."""
+        self.run(SYNC, [], None, lambda: None)
+
+    def close(self) -> None:
+        """Stop the other ranks: they leave their loop and exit (killed when out of step)."""
+        if self.closed:
+            return
+        self.__dict__["closed"] = True
+        if self.workers is not None:
+            self.workers.closing = True
+        try:
+            if self.broken is None:
+                self.channel.send(STOP, [])
+        finally:
+            if self.workers is not None:
+                if self.broken is None:
+                    self.workers.join()
+                else:
+                    self.workers.kill()
+
+
+@torch.inference_mode()
+def serve_worker(local, tp: TensorParallel) -> None:
+    """The loop of every rank but 0: run what rank 0 announces, on this rank's shard, until STOP."""
+    channel = Channel(tp)
+    caches: dict[int, object] = {}
+    while True:
+        op, side, ints, tensor = channel.recv()
+        for code, a, b in side:
+            if code == NEW_CACHE:
+                caches[a] = local.new_cache(b)
+            elif code == NEW_HEAD_CACHE:
+                caches[a] = local.new_head_cache(b)
+            elif code == FREE:
+                caches.pop(a, None)
+            elif code == KEEP:
+                caches[a].keep(b)
+            elif code == SET_LENGTH:
+                caches[a].length = b
+        if op == STOP:
+            return
+        if op == PREFILL:
+            local.prefill(torch.tensor(ints[1:], device=local.device), caches[ints[0]])
+        elif op == STEP:
+            n = ints[0]
+            lengths, cids = ints[1:1 + n], ints[1 + n:1 + 2 * n]
+            local.step_many(torch.tensor(ints[1 + 2 * n:], device=local.device), lengths, [caches[c] for c in cids])
+        elif op == HEAD:
+            _head(local, ints, tensor, caches)
+        elif op == PROMPT_LOGITS:
+            local.prompt_logits(torch.tensor(ints, device=local.device))
+
+
+def _head(local, ints: list[int], hidden: torch.Tensor, caches: dict) -> None:
+    n, drafting = ints[0], bool(ints[1])
+    pos0s, lengths, cids = ints[2:2 + n], ints[2 + n:2 + 2 * n], ints[2 + 2 * n:2 + 3 * n]
+    ids = torch.tensor(ints[2 + 3 * n:], device=local.device)
+    if n == 1:
+        local.mtp.rows(hidden, ids, pos0s[0], caches[cids[0]], drafting=drafting)
+    else:
+        local.mtp.rows_many(hidden, ids, list(zip(pos0s, lengths)), [caches[c] for c in cids])
+
+
+__all__ = ["attach", "ParallelModel", "ParallelHead", "ParallelCache", "serve_worker"]

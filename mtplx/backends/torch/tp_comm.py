@@ -1,0 +1,112 @@
+"""The collectives of tensor parallelism, on torch.distributed (gloo on CPU, NCCL on CUDA).
+
+- `all_reduce`: a block's partial sums -> their sum on every rank, as an all-gather and a sum in
+  rank order in fp32. Not dist.all_reduce: its ring / tree splits a tensor into chunks by size,
+  so an element's order of addition could change with the number of rows, and verify rows
+  would stop matching decode. Gathered, every element is p_0 + p_1 + ... + p_{N-1} whatever
+  the row count, on every rank alike (the replicated residual stream stays identical).
+- `gather_vocab`: each rank's lm_head slice of the logits -> the whole vocab on rank 0.
+- `Channel`: rank 0 tells the other ranks what to run (an op code and its ints in one int64
+  broadcast, plus at most one tensor); cheap bookkeeping (new / freed caches, rollbacks) rides
+  along with the next compute op instead of costing a broadcast of its own.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.distributed as dist
+
+
+class TensorParallel:
+    def __init__(self, rank: int, world: int, device: torch.device):
+        self.rank, self.world, self.device = rank, world, torch.device(device)
+        self.calls = 0  # collectives run (for the benchmark's per-token cost)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:  # [..., H] partial -> [..., H] summed
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.contiguous())
+        self.calls += 1
+        out = parts[0].float()
+        for p in parts[1:]:
+            out = out + p.float()
+        return out.to(x.dtype)
+
+    def gather_vocab(self, logits: torch.Tensor, vocab: int):
+        """logits [T, n_r] of this rank's vocab rows -> [T, vocab] on rank 0, None elsewhere."""
+        width = -(-vocab // self.world)
+        x = logits.contiguous()
+        if x.shape[-1] < width:
+            x = torch.cat([x, x.new_zeros(*x.shape[:-1], width - x.shape[-1])], -1)
+        parts = [torch.empty_like(x) for _ in range(self.world)] if self.rank == 0 else None
+        dist.gather(x, parts, dst=0)
+        self.calls += 1
+        if self.rank:
+            return None
+        return torch.cat(parts, -1)[..., :vocab]
+
+
+# op codes of the channel
+STOP, PREFILL, STEP, HEAD, PROMPT_LOGITS, SYNC = 1, 2, 3, 4, 5, 6
+NEW_CACHE, NEW_HEAD_CACHE, FREE, KEEP, SET_LENGTH = 11, 12, 13, 14, 15  # deferred (side) ops
+_DTYPES = [None, torch.float32, torch.bfloat16, torch.float16]
+HEADER = 512  # int64 slots in the first broadcast of a message
+
+
+class Channel:
+    """Messages from rank 0: (op, side ops, ints, optional 2-D tensor)."""
+
+    def __init__(self, tp: TensorParallel):
+        self.tp = tp
+        self._side: list[int] = []  # (code, a, b) triples waiting for the next message
+        self._lock = threading.Lock()
+        self.sent = 0
+
+    def defer(self, code: int, a: int, b: int = 0) -> None:
+        with self._lock:
+            self._side.extend((code, int(a), int(b)))
+
+    def send(self, op: int, ints: list[int], tensor: torch.Tensor | None = None) -> None:
+        with self._lock:
+            side, self._side = self._side, []
+        code = 0 if tensor is None else _DTYPES.index(tensor.dtype)
+        msg = [op, len(side) // 3, len(ints), code, *side, *ints]
+        if tensor is not None:
+            msg += list(tensor.shape)
+        head = torch.zeros(HEADER, dtype=torch.long)
+        n = min(len(msg), HEADER - 1)
+        head[0] = len(msg)
+        head[1:1 + n] = torch.tensor(msg[:n], dtype=torch.long)
+        self._bcast(head)
+        if len(msg) > n:
+            self._bcast(torch.tensor(msg[n:], dtype=torch.long))
+        if tensor is not None:
+            self._bcast(tensor.contiguous())
+        self.sent += 1
+
+    def recv(self):
+        """-> (op, side [(code, a, b)], ints, tensor | None) (the other ranks)."""
+        head = self._bcast(torch.empty(HEADER, dtype=torch.long))
+        total = int(head[0])
+        msg = head[1:1 + min(total, HEADER - 1)].tolist()
+        if total > len(msg):
+            msg += self._bcast(torch.empty(total - len(msg), dtype=torch.long)).tolist()
+        op, n_side, n_ints, code = msg[:4]
+        side = [tuple(msg[4 + 3 * i:7 + 3 * i]) for i in range(n_side)]
+        o = 4 + 3 * n_side
+        ints = msg[o:o + n_ints]
+        tensor = None
+        if code:
+            shape = msg[o + n_ints:]
+            tensor = self._bcast(torch.empty(shape, dtype=_DTYPES[code]))
+        return op, side, ints, tensor
+
+    def _bcast(self, t: torch.Tensor) -> torch.Tensor:
+        dev = self.tp.device
+        x = t.to(dev) if t.device != dev else t
+        dist.broadcast(x, src=0)
+        return x
+
+
+__all__ = ["TensorParallel", "Channel"]
