@@ -162,14 +162,14 @@ def load(path: str | Path | None = None, backend: str | None = None, dtype: str 
         if tp > 1:  # tensor parallel: this process is rank 0 (mtplx.backends.torch.tp)
             from mtplx.backends.torch.tp_launch import load_parallel
 
-            m = load_parallel(path, tp, dtype, device, threads=options.pop("threads", None), **options)
+            m = load_parallel(path, tp, dtype, device, threads=options.pop("tp_threads", None), **options)
             return Model("torch", m, cfg, tokenizer, path, str(m.dtype).replace("torch.", ""), str(device),
                          load_options=dict(options, tp=tp))
-        options.pop("threads", None)
+        options.pop("tp_threads", None)
         m = load_torch_model(path, dtype=dtype, device=device, config=cfg, **options)
         return Model("torch", m, cfg, tokenizer, path, str(m.dtype).replace("torch.", ""), str(device),
                      load_options=dict(options))
-    options.pop("threads", None)
+    options.pop("tp_threads", None)
     if tp > 1:
         raise ValueError("tensor parallelism on the MLX backend runs under mlx.launch (docs/tensor-parallel.md); "
                          "on this command use --backend torch for --tp")

@@ -19,6 +19,10 @@ class BackendUnavailable(ImportError, ValueError):
     """The chosen backend's packages are not installed (a ValueError too, so the CLI prints it as a user error)."""
 
 
+class RankLost(RuntimeError):
+    """A tensor-parallel rank went away: the model is stopped (the CLI reports it in one line)."""
+
+
 def _missing(name: str) -> list[str]:
     out = []
     for mod in _NEEDS[name]:
@@ -63,5 +67,5 @@ def require_backend(name: str) -> str:
     return name
 
 
-__all__ = ["BACKENDS", "BackendUnavailable", "available_backends", "default_backend", "is_available",
+__all__ = ["BACKENDS", "BackendUnavailable", "RankLost", "available_backends", "default_backend", "is_available",
            "is_apple_silicon", "require_backend"]

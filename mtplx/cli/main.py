@@ -40,8 +40,9 @@ def _version() -> str:
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
+    from mtplx.backends import RankLost
     from mtplx.checkpoint.errors import CheckpointError
-    return (CheckpointError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+    return (CheckpointError, RankLost, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
             PermissionError)
 
 

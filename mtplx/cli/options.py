@@ -14,11 +14,18 @@ def add_drafting_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_torch_args(p: argparse.ArgumentParser) -> None:
+    add_tp_arg(p)
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="torch: weight-only int8 on load (faster CPU decode; still exact MTP vs depth 0)")
     p.add_argument("--kernel", choices=["auto", "rowmm", "torch"], default=None,
                    help="torch: decode/verify matmuls; auto (default, or $MTPLX_KERNEL): the compiled fixed-order "
                         "CPU kernel (AVX-512 / AVX2) where it builds, else torch's own with row padding")
+
+
+def add_tp_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=None, metavar="N",
+                   help="torch: tensor parallel over N processes (gloo on CPU, NCCL on N GPUs), spawned here "
+                        "or, under torchrun, the launched ranks (docs/tensor-parallel.md)")
 
 
 def load_options(args: argparse.Namespace) -> dict:
@@ -30,4 +37,11 @@ def load_options(args: argparse.Namespace) -> dict:
         options["kernel"] = args.kernel
     if args.draft_lm_head:
         options["draft_lm_head"] = args.draft_lm_head
+    tp = getattr(args, "tp", None)
+    if tp is not None:
+        if tp < 1:
+            raise ValueError(f"--tp must be >= 1, got {tp}")
+        if tp > 1:
+            options["tp"] = tp
+            options["tp_threads"] = getattr(args, "threads", None)  # every rank's own thread count
     return options

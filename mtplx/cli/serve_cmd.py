@@ -166,12 +166,13 @@ def run(args) -> int:
         fmt.tool_format, "no tool calls (the chat template renders none: see --chat-template)")
     bt = getattr(adapter.model.model, "batch_threads", None)
     pc = adapter.prefix_cache
-    cache_note = "prefix cache off" if pc is None else (
+    tp = adapter.model.load_options.get("tp", 1)
+    cache_note = ("prefix cache off" + (" (not under --tp yet)" if tp > 1 else "")) if pc is None else (
         f"prefix cache {pc.max_bytes / (1 << 30):.1f} GB in blocks of {pc.block_size}"
         f"{f', disk {pc.disk.folder}' if pc.disk is not None else ''}")
     print(f"mtplx serve: {app.state.mtplx.model_id} (MTP depth {depth}; {tools}"
           f"{'; thinking' if fmt.thinking else ''}; {cache_note}; batches of up to {args.max_batch}"
-          f"{f' on {bt} threads' if bt else ''}) on http://{args.host}:{args.port}/v1",
+          f"{f' on {bt} threads' if bt else ''}{f'; tensor parallel over {tp} ranks' if tp > 1 else ''}) on http://{args.host}:{args.port}/v1",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, server_header=False,
                 access_log=args.log_level == "debug", timeout_graceful_shutdown=5)

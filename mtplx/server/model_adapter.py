@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
 from mtplx.decoding.params import SamplingParams
 from mtplx.server.engine import GenStats, GenStep
+
+log = logging.getLogger("mtplx.serve")
 
 
 class PromptError(ValueError):
@@ -112,7 +115,8 @@ def load_adapter(path: str | None, backend: str | None = None, dtype: str | None
 
         apply_default_threads(model.model)
     depth = api.resolve_depth(model, depth)
-    if model.backend == "torch":  # batched verifies on more cores, when that keeps the bits (measured)
+    tp = model.load_options.get("tp", 1)
+    if model.backend == "torch" and tp == 1:  # batched verifies on more cores, when that keeps the bits (measured)
         import os
 
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -120,7 +124,9 @@ def load_adapter(path: str | None, backend: str | None = None, dtype: str | None
         # measured 0.63x the aggregate of 1 (the OpenMP workers wait for a busy core)
         model.model.set_batch_threads(cores - 1 if batch_threads is None else batch_threads)
     opts = dict(prefix_cache or {})
-    if opts.get("gb", 0) > 0:  # after the thread count is set: it is part of a disk cache's identity
+    if opts.get("gb", 0) > 0 and tp > 1:
+        log.warning("prefix cache off: it does not run under tensor parallelism (--tp %d) yet", tp)
+    elif opts.get("gb", 0) > 0:  # after the thread count is set: it is part of a disk cache's identity
         model.enable_prefix_cache(**opts)
     adapter = MtplxModelAdapter(model, max_context=max_context, model_id=model_id, draft_cutoff=draft_cutoff,
                                 chat_template=chat_template, prefill_block=opts.get("block"))

@@ -377,6 +377,8 @@ def apply_default_threads(model) -> int:
     default model, 2 cores: 8k-token prefill 5 240 tok/s on 2 threads, 2 462 on 1)."""
     import torch
 
+    if getattr(model, "tp", None) is not None:  # tensor parallel: each rank has set its own count
+        return torch.get_num_threads()
     n = default_threads(model)
     if n is not None:
         before = torch.get_num_threads()

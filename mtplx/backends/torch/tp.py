@@ -17,6 +17,8 @@ import itertools
 
 import torch
 
+from mtplx.backends import RankLost
+
 from .tp_comm import (FREE, HEAD, KEEP, NEW_CACHE, NEW_HEAD_CACHE, PREFILL, PROMPT_LOGITS, SET_LENGTH, STEP,
                       STOP, SYNC, Channel, TensorParallel)
 
@@ -27,6 +29,9 @@ def attach(model, tp: TensorParallel) -> None:
     layers = list(model.layers) + (list(model.mtp.layers) if model.mtp is not None else [])
     for layer in layers:
         layer.tp = tp
+
+
+_LOST = ("Connection closed", "Connection reset", "Broken pipe", "NCCL error")  # a peer went away
 
 
 class ParallelCache:
@@ -112,10 +117,11 @@ class ParallelModel:
             self.channel.send(op, ints, tensor)
             return forward()
         except BaseException as e:
-            lost = isinstance(e, RuntimeError) and "Connection closed" in str(e)
+            lost = isinstance(e, RuntimeError) and any(w in str(e) for w in _LOST)
             self.__dict__["broken"] = "a rank exited" if lost else type(e).__name__
             if lost:
-                raise RuntimeError("a tensor-parallel rank exited (its connection closed); the model is stopped") from e
+                who = self.workers.exited(wait_s=1.0) if self.workers is not None else None
+                raise RankLost(f"tensor-parallel {who or 'rank connection lost'}: the model is stopped, load it again") from e
             raise
 
     def prefill(self, ids: torch.Tensor, cache: ParallelCache):
@@ -160,6 +166,8 @@ class ParallelModel:
                     self.workers.join()
                 else:
                     self.workers.kill()
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
 
 
 @torch.inference_mode()

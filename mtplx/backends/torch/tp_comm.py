@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -22,12 +23,15 @@ import torch.distributed as dist
 class TensorParallel:
     def __init__(self, rank: int, world: int, device: torch.device):
         self.rank, self.world, self.device = rank, world, torch.device(device)
-        self.calls = 0  # collectives run (for the benchmark's per-token cost)
+        self.calls = 0  # collectives run and the seconds spent in them (benchmarks/bench_tp.py)
+        self.comm_s = 0.0
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:  # [..., H] partial -> [..., H] summed
+        t = time.perf_counter()
         parts = [torch.empty_like(x) for _ in range(self.world)]
         dist.all_gather(parts, x.contiguous())
         self.calls += 1
+        self.comm_s += time.perf_counter() - t
         out = parts[0].float()
         for p in parts[1:]:
             out = out + p.float()
@@ -39,9 +43,11 @@ class TensorParallel:
         x = logits.contiguous()
         if x.shape[-1] < width:
             x = torch.cat([x, x.new_zeros(*x.shape[:-1], width - x.shape[-1])], -1)
+        t = time.perf_counter()
         parts = [torch.empty_like(x) for _ in range(self.world)] if self.rank == 0 else None
         dist.gather(x, parts, dst=0)
         self.calls += 1
+        self.comm_s += time.perf_counter() - t
         if self.rank:
             return None
         return torch.cat(parts, -1)[..., :vocab]
@@ -103,9 +109,12 @@ class Channel:
         return op, side, ints, tensor
 
     def _bcast(self, t: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
         dev = self.tp.device
         x = t.to(dev) if t.device != dev else t
         dist.broadcast(x, src=0)
+        self.tp.calls += 1
+        self.tp.comm_s += time.perf_counter() - start
         return x
 
 

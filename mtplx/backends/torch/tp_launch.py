@@ -67,6 +67,9 @@ def load_parallel(path, tp: int, dtype: str, device: str, threads: int | None = 
     from mtplx.checkpoint.shard import check_tp
 
     check_tp(load_config(path), tp)
+    if dist.is_initialized():
+        raise RuntimeError("this process already runs a tensor-parallel model (one per process): close it first "
+                           "(model.model.close())")
     spec = {"path": str(path), "tp": tp, "dtype": dtype, "device": device, "threads": threads, "options": options}
     if _under_torchrun():
         world = int(os.environ["WORLD_SIZE"])
@@ -150,14 +153,27 @@ class _Workers:
 
     def _monitor(self) -> None:
         while not self.closing:
-            for rank, p in enumerate(self.procs, 1):
-                code = p.poll()
-                if code is not None and not self.closing:
-                    sys.stderr.write(f"mtplx: tensor-parallel rank {rank} exited (code {code}); stopping\n")
-                    sys.stderr.flush()
-                    self.kill()
-                    os._exit(1)
+            who = self.exited()
+            if who is not None:
+                time.sleep(2.0)  # rank 0 inside a forward sees it too and stops with an error
+                if self.closing:
+                    return
+                sys.stderr.write(f"error: tensor-parallel {who}; stopping\n")
+                sys.stderr.flush()
+                self.kill()
+                os._exit(1)
             time.sleep(0.2)
+
+    def exited(self, wait_s: float = 0.0) -> str | None:
+        """'rank R exited (code C)' for the first spawned rank that has exited, or None."""
+        end = time.monotonic() + wait_s
+        while True:
+            for rank, p in enumerate(self.procs, 1):
+                if p.poll() is not None:
+                    return f"rank {rank} exited (code {p.returncode})"
+            if time.monotonic() >= end:
+                return None
+            time.sleep(0.05)
 
     def join(self, timeout: float = 30.0) -> None:
         self.closing = True

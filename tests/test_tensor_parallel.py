@@ -1,0 +1,219 @@
+"""Tensor parallelism on CPU: 2 ranks over gloo (rank 0 here, rank 1 spawned), as `--tp 2` runs.
+
+Exactness under TP: greedy MTP == depth 0 at every depth within the TP run, a batched
+request == the same request alone, and TP logits within 1e-4 (relative) of one process in fp32.
+Plus the shard rules (every rank's slices put back together give the tensor), the errors of
+setups that cannot run, and a rank that dies (the other exits, nothing hangs).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import mtplx
+from mtplx.checkpoint.config import ModelConfig
+from mtplx.checkpoint.shard import TPError, check_tp, local_config, shard_rule, take_shard, valid_tp_sizes
+from mtplx.checkpoint.synthetic import preset_config, random_canonical, write_synthetic_checkpoint
+from mtplx.decoding.params import SamplingParams
+
+torch_dist = pytest.importorskip("torch.distributed")
+pytestmark = pytest.mark.skipif(not torch_dist.is_gloo_available(), reason="torch has no gloo")
+
+GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
+
+
+def _two_layers(**kw):
+    return dict(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"], **kw)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    return {
+        "dense": write_synthetic_checkpoint(root / "dense", preset_config("qwen3.5-9b", **_two_layers()),
+                                            tokenizer=True, seed=1).path,
+        "moe": write_synthetic_checkpoint(root / "moe", preset_config("qwen3.5-35b-a3b", **_two_layers()),
+                                          tokenizer=True, seed=2, router_near_ties=1e-4).path,
+        "next": write_synthetic_checkpoint(root / "next", preset_config("qwen3-next-80b-a3b", **_two_layers()),
+                                           tokenizer=True, seed=3).path,
+        "default": mtplx.api.default_model_path(),
+    }
+
+
+@pytest.fixture(scope="module", params=["dense", "moe", "next", "default"])
+def pair(request, ckpts):
+    """(one-process model, the same checkpoint over 2 ranks), fp32."""
+    path = ckpts[request.param]
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    single = mtplx.load(path, backend="torch", dtype="float32")
+    par = mtplx.load(path, backend="torch", dtype="float32", tp=2)
+    yield request.param, single, par
+    par.model.close()
+    torch.set_num_threads(n)
+
+
+def _prompt(model, n=23, seed=0):
+    V = model.config.vocab_size
+    return torch.randint(3, V, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_logits_match_one_process(pair):
+    name, single, par = pair
+    ids = _prompt(single)
+    rows = []
+    for m in (single, par):
+        s = m.new_session()
+        s.prefill(ids)
+        first = s.sample_first(GREEDY, None)
+        rows.append((s._last_logits, s.verify([first, 5, 7])))  # a 4-row verify on the exact path
+    for a, b in zip(rows[0], rows[1]):
+        assert a.shape == b.shape
+        rel = float((a - b).abs().max() / a.abs().max())
+        assert rel < 1e-4, f"{name}: TP logits differ from one process by {rel:.2e} (relative)"
+
+
+def test_greedy_mtp_equals_depth0_under_tp(pair):
+    name, _, par = pair
+    ids = _prompt(par, seed=1)
+    plain = mtplx.generate(par, ids, GREEDY, depth=0).token_ids
+    for depth in (1, 3):
+        got = mtplx.generate(par, ids, GREEDY, depth=depth).token_ids
+        assert got == plain, f"{name}: MTP depth {depth} under TP differs from depth 0"
+
+
+def test_batched_equals_alone_under_tp(pair):
+    name, _, par = pair
+    prompts = [_prompt(par, 9 + 7 * i, seed=10 + i) for i in range(3)]
+    batched = mtplx.generate(par, prompts, GREEDY, depth=2)
+    for p, res in zip(prompts, batched):
+        assert res.token_ids == mtplx.generate(par, p, GREEDY, depth=2).token_ids, f"{name}: batched != alone"
+
+
+def test_sampled_run_repeats_under_tp(pair):
+    name, _, par = pair
+    if name != "moe":
+        pytest.skip("one checkpoint is enough")
+    p = SamplingParams(max_tokens=20, temperature=0.8, seed=7, ignore_eos=True)
+    ids = _prompt(par, seed=2)
+    assert mtplx.generate(par, ids, p, depth=2).token_ids == mtplx.generate(par, ids, p, depth=2).token_ids
+    with pytest.raises(ValueError, match="prefix cache does not run under tensor parallelism"):
+        par.enable_prefix_cache(gb=0.1)
+
+
+# ---- shard rules (no processes) -----------------------------------------------------------------
+
+@pytest.mark.parametrize("preset", ["qwen3.5-0.8b", "qwen3.5-9b", "qwen3.5-35b-a3b", "qwen3-next-80b-a3b"])
+@pytest.mark.parametrize("world", [2, 4])
+def test_shards_put_back_together(preset, world):
+    """Every tensor: each rank's slice is the rows / columns its rule names, and the ranks
+    together hold every element exactly once (KV heads replicated past nkv ranks: once per
+    group of world / nkv ranks; replicated tensors whole on every rank)."""
+    cfg = ModelConfig.from_dict(preset_config(preset))
+    if world not in valid_tp_sizes(cfg):
+        pytest.skip(f"{preset} does not split {world} ways")
+    tensors = random_canonical(cfg, n_mtp_layers=1, seed=0)
+    local = local_config(cfg, world)
+    for name, arr in tensors.items():
+        rules = [shard_rule(name, cfg, r, world) for r in range(world)]
+        if rules[0] is None:
+            assert all(take_shard(arr, None) is arr for _ in rules)
+            continue
+        dim = rules[0][0] % arr.ndim
+        held = []
+        for rule in rules:
+            idx = np.concatenate([np.arange(a, b) for a, b in rule[1]])
+            assert np.array_equal(take_shard(arr, rule), np.take(arr, idx, axis=dim)), name
+            held.append(idx)
+        if ("k_proj" in name or "v_proj" in name) and cfg.num_key_value_heads < world:
+            held = held[::world // cfg.num_key_value_heads]
+        assert np.array_equal(np.sort(np.concatenate(held)), np.arange(arr.shape[dim])), name
+        if "q_proj" in name:
+            assert take_shard(arr, rules[0]).shape[0] == local.num_attention_heads * 2 * cfg.head_dim
+
+
+def test_tp_size_errors_say_what_fits():
+    cfg = ModelConfig.from_dict(preset_config("qwen3.5-35b-a3b"))  # linear key heads 2
+    with pytest.raises(TPError, match=r"linear_num_key_heads=2 is not divisible by 4.*takes: 2"):
+        check_tp(cfg, 4)
+    with pytest.raises(TPError, match="divisible by 3"):
+        check_tp(cfg, 3)
+
+
+def test_real_family_shapes_split():
+    """The released shapes (reference section 4): the 2-KV-head MoE models take 2, 4, 8 ranks
+    (KV heads replicated past 2)."""
+    big = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=2, linear_num_key_heads=16,
+               linear_num_value_heads=64, num_experts=512, num_experts_per_tok=10, moe_intermediate_size=1024,
+               shared_expert_intermediate_size=1024)
+    cfg = ModelConfig.from_dict(preset_config("qwen3.5-122b-a10b", **big))
+    assert [n for n in (2, 4, 8, 16) if n in valid_tp_sizes(cfg)] == [2, 4, 8, 16]
+    assert local_config(cfg, 8).num_key_value_heads == 1
+
+
+def test_tp_refuses_mlx_here(ckpts):
+    with pytest.raises(ValueError, match="mlx.launch"):
+        mtplx.load(ckpts["dense"], backend="mlx", tp=2)
+
+
+# ---- a rank that dies -----------------------------------------------------------------------------
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("victim", ["worker", "rank0"])
+def test_a_dying_rank_stops_the_others(ckpts, victim):
+    cmd = [sys.executable, "-m", "mtplx", "generate", "--model", str(ckpts["dense"]), "--tp", "2",
+           "--prompt", "hello", "--max-tokens", "100000", "--ignore-eos", "--depth", "0", "--json"]
+    env = dict(os.environ, MTPLX_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        workers = []
+        deadline = time.monotonic() + 120
+        while not workers and time.monotonic() < deadline:
+            workers = [c for c in _children(proc.pid)
+                       if b"tp_launch" in Path(f"/proc/{c}/cmdline").read_bytes()]
+            time.sleep(0.2)
+        assert workers, "rank 1 never started"
+        time.sleep(8)  # loaded and generating
+        assert proc.poll() is None, proc.stderr.read()
+        if victim == "worker":
+            os.kill(workers[0], signal.SIGKILL)
+            proc.wait(timeout=30)
+            assert proc.returncode != 0
+            assert "rank 1 exited" in proc.stderr.read()
+        else:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+            end = time.monotonic() + 30
+            while Path(f"/proc/{workers[0]}").exists() and time.monotonic() < end:
+                try:  # a zombie until reaped: its state is Z
+                    if (Path(f"/proc/{workers[0]}") / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                        break
+                except OSError:
+                    break
+                time.sleep(0.2)
+            assert time.monotonic() < end, "rank 1 outlived rank 0"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
