@@ -217,3 +217,34 @@ def test_a_dying_rank_stops_the_others(ckpts, victim):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ---- inspect --plan ---------------------------------------------------------------------------------
+
+def test_plan_bytes_add_up():
+    from mtplx.checkpoint.layout import canonical_shapes
+    from mtplx.checkpoint.plan import plan_tp
+
+    cfg = ModelConfig.from_dict(preset_config("qwen3.5-9b"))  # 8 heads, 2 KV heads
+    whole = sum(int(np.prod(s)) for s in canonical_shapes(cfg, 1).values()) * 2
+    one, two, four = (plan_tp(cfg, n, context=1000) for n in (1, 2, 4))
+    assert one.total - one.kv_cache - one.states == whole and one.weights_sharded + one.weights_replicated == whole
+    assert two.weights_replicated == one.weights_replicated
+    assert two.weights_sharded * 2 == one.weights_sharded  # every split here is even
+    assert two.kv_cache * 2 == one.kv_cache and two.states * 2 == one.states
+    assert four.problems  # 2 linear key heads
+    small = ModelConfig.from_dict(preset_config("qwen3.5-0.8b"))  # 4 linear key heads, 2 KV heads
+    # 2 KV heads on 4 ranks: one head each (replicated), as on 2
+    assert plan_tp(small, 4, context=1000).kv_cache == plan_tp(small, 2, context=1000).kv_cache
+    assert plan_tp(cfg, 2, context=1000, memory=two.total).fits
+    assert not plan_tp(cfg, 2, context=1000, memory=two.total - 1).fits
+
+
+def test_inspect_plan_cli(ckpts, capsys):
+    from mtplx.cli.main import main
+
+    assert main(["inspect", str(ckpts["moe"]), "--plan", "--tp", "2", "--memory-gb", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "tensor parallel over 2 ranks" in out and "fits in" in out
+    assert main(["inspect", str(ckpts["moe"]), "--plan", "--tp", "4"]) == 8
+    assert "linear_num_key_heads=2 is not divisible by 4" in capsys.readouterr().out
