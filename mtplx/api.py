@@ -170,9 +170,6 @@ def load(path: str | Path | None = None, backend: str | None = None, dtype: str 
         return Model("torch", m, cfg, tokenizer, path, str(m.dtype).replace("torch.", ""), str(device),
                      load_options=dict(options))
     options.pop("tp_threads", None)
-    if tp > 1:
-        raise ValueError("tensor parallelism on the MLX backend runs under mlx.launch (docs/tensor-parallel.md); "
-                         "on this command use --backend torch for --tp")
     from mtplx.backends.mlx import default_dtype, device_name, load_mlx_model
 
     torch_only = sorted(set(options) & {"quantize", "kernel", "draft_lm_head"})
@@ -180,6 +177,12 @@ def load(path: str | Path | None = None, backend: str | None = None, dtype: str 
         raise ValueError(f"{', '.join(torch_only)}: torch backend options; the MLX backend takes "
                          f"quantized checkpoints as they are (drop the option or use --backend torch)")
 
+    if tp > 1:  # under mlx.launch: this process is rank 0 (mtplx.backends.mlx.tp)
+        from mtplx.backends.mlx.tp import load_parallel as load_mlx_parallel
+
+        m = load_mlx_parallel(path, tp, dtype=dtype or default_dtype(), config=cfg, **options)
+        return Model("mlx", m, cfg, tokenizer, path, str(m.dtype).replace("mlx.core.", ""), device_name(),
+                     load_options=dict(options, tp=tp))
     m = load_mlx_model(path, dtype=dtype or default_dtype(), config=cfg, **options)
     return Model("mlx", m, cfg, tokenizer, path, str(m.dtype).replace("mlx.core.", ""), device_name(),
                  load_options=dict(options))

@@ -248,3 +248,36 @@ def test_inspect_plan_cli(ckpts, capsys):
     assert "tensor parallel over 2 ranks" in out and "fits in" in out
     assert main(["inspect", str(ckpts["moe"]), "--plan", "--tp", "4"]) == 8
     assert "linear_num_key_heads=2 is not divisible by 4" in capsys.readouterr().out
+
+
+# ---- MLX: mx.distributed ring backend, 2 processes on loopback ------------------------------------
+
+def _mlx_launch() -> str | None:
+    import shutil
+
+    try:
+        import mlx.core as mx  # noqa: F401
+        import mlx_lm  # noqa: F401
+    except ImportError:
+        return None
+    return shutil.which("mlx.launch", path=str(Path(sys.executable).parent)) or shutil.which("mlx.launch")
+
+
+@pytest.mark.parametrize("name", ["dense", "moe", "next", "default"])
+def test_mlx_ring_tp(ckpts, name, tmp_path):
+    launch = _mlx_launch()
+    if launch is None:
+        pytest.skip("mlx, mlx-lm or mlx.launch is not installed")
+    import json
+
+    out = tmp_path / "result.json"
+    script = Path(__file__).parent / "fixtures" / "mlx_tp_rank.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([launch, "--backend", "ring", "-n", "2", sys.executable, str(script), str(ckpts[name]),
+                           str(out)], capture_output=True, text=True, timeout=600, env=env)
+    if "ring" in proc.stderr and "not available" in proc.stderr:
+        pytest.skip("this mlx build has no ring backend")
+    assert proc.returncode == 0 and out.exists(), proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["mtp"]["1"] == r["plain"] and r["mtp"]["3"] == r["plain"], f"{name}: MLX MTP under TP != depth 0"
+    assert max(r["rel"]) < 1e-4, f"{name}: MLX TP logits differ from one process by {max(r['rel']):.2e}"

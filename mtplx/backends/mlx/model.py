@@ -31,7 +31,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import qwen3_5 as q35
-from mlx_lm.models.base import create_attention_mask, create_ssm_mask
+from mlx_lm.models.base import create_attention_mask, create_ssm_mask, gather_last_axis
 from mlx_lm.models.cache import ArraysCache, KVCache
 from mlx_lm.models.gated_delta import gated_delta_update, normalize_qk
 
@@ -145,6 +145,9 @@ def _gdn_step(la, x: mx.array, cache: "GdnState", R) -> mx.array:
         states.append(state)
     cache.record(qkv, states)
     out = la.norm(mx.concatenate(ys, axis=1), z)  # [1, T, nv, dv]
+    if getattr(la, "sharding_group", None) is not None:  # tensor parallel (tp.py): sum the ranks' partials
+        return exact_rows(lambda c: mx.distributed.all_sum(la.out_proj(c), group=la.sharding_group),
+                          out.reshape(T, nv * dv), R)
     return exact_rows(la.out_proj, out.reshape(T, nv * dv), R)
 
 
@@ -257,7 +260,9 @@ class MlxModel(nn.Module):
     def _lm(self, h: mx.array) -> mx.array:
         if self.cfg.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+        out = self.lm_head(h)
+        group = getattr(self, "lm_group", None)  # tensor parallel: this rank's vocab slice -> all of it
+        return out if group is None else gather_last_axis(out, group)
 
     def logits(self, h: mx.array, exact: bool = False) -> mx.array:
         """h [T, H] -> [T, V] (exact: fixed row chunks)."""
@@ -321,6 +326,9 @@ class MlxModel(nn.Module):
 
     def new_cache(self, max_len: int) -> ModelCache:
         return ModelCache(self, max_len)
+
+    def new_head_cache(self) -> KVCache:  # the MTP head's KV cache of one session
+        return KVCache()
 
     def new_session(self, max_context: int | None = None, hidden_source: str | None = None, **options):
         from .session import MlxSession

@@ -11,8 +11,6 @@ payloads (mtplx/prefix): "k.i" / "v.i" [1, nkv, B, hd] of attention layer i, "co
 from __future__ import annotations
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
-
 from mtplx.backends.session_base import SessionBase
 
 from . import sampling
@@ -30,7 +28,7 @@ class MlxSession(SessionBase):
     def __init__(self, model, max_context: int | None = None, hidden_source: str | None = None,
                  prefix_cache=None, prefill_block: int | None = None):
         super().__init__(model, model.head, max_context, hidden_source, prefix_cache, prefill_block)
-        self.head_cache = KVCache() if model.head is not None else None
+        self.head_cache = model.new_head_cache() if model.head is not None else None
 
     def make_rng(self, seed: int | None) -> sampling.MlxRng:
         return sampling.make_rng(seed)
