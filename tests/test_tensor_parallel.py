@@ -106,8 +106,28 @@ def test_sampled_run_repeats_under_tp(pair):
     p = SamplingParams(max_tokens=20, temperature=0.8, seed=7, ignore_eos=True)
     ids = _prompt(par, seed=2)
     assert mtplx.generate(par, ids, p, depth=2).token_ids == mtplx.generate(par, ids, p, depth=2).token_ids
-    with pytest.raises(ValueError, match="prefix cache does not run under tensor parallelism"):
-        par.enable_prefix_cache(gb=0.1)
+
+
+def test_prefix_cache_on_equals_off_under_tp(pair):
+    """Blocks stored with every rank's slice; a prompt sharing them restores them on every rank
+    and generates exactly what a cache-off run does."""
+    name, _, par = pair
+    if name not in ("moe", "default"):
+        pytest.skip("two checkpoints are enough")
+    first = _prompt(par, 40, seed=3)
+    second = first[:33] + _prompt(par, 9, seed=4)
+    par.enable_prefix_cache(gb=0.1, block=8)
+    try:
+        for ids in (first, second):
+            on = par.new_session()
+            got = [r.token for r in mtplx.stream_generate(par, ids, GREEDY, 3, session=on)]
+            off = par.new_session(prefix_cache=None, prefill_block=8)
+            want = [r.token for r in mtplx.stream_generate(par, ids, GREEDY, 3, session=off)]
+            assert got == want, f"{name}: prefix cache on != off under TP"
+        assert on.cached_tokens == 32, f"{name}: the second prompt restored {on.cached_tokens} tokens, not 32"
+    finally:
+        par.prefix_cache.close()
+        par.prefix_cache = None
 
 
 # ---- shard rules (no processes) -----------------------------------------------------------------

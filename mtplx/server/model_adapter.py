@@ -124,8 +124,8 @@ def load_adapter(path: str | None, backend: str | None = None, dtype: str | None
         # measured 0.63x the aggregate of 1 (the OpenMP workers wait for a busy core)
         model.model.set_batch_threads(cores - 1 if batch_threads is None else batch_threads)
     opts = dict(prefix_cache or {})
-    if opts.get("gb", 0) > 0 and tp > 1:
-        log.warning("prefix cache off: it does not run under tensor parallelism (--tp %d) yet", tp)
+    if opts.get("gb", 0) > 0 and tp > 1 and model.backend != "torch":
+        log.warning("prefix cache off: it does not run under MLX tensor parallelism (--tp %d) yet", tp)
     elif opts.get("gb", 0) > 0:  # after the thread count is set: it is part of a disk cache's identity
         model.enable_prefix_cache(**opts)
     adapter = MtplxModelAdapter(model, max_context=max_context, model_id=model_id, draft_cutoff=draft_cutoff,

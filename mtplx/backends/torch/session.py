@@ -55,32 +55,47 @@ class TorchSession(SessionBase):
         return [(g[e - 1:e], u[e - 1:e], logits[i]) for i, e in enumerate(ends)]
 
     def _export_block(self, start: int, end: int) -> dict:
-        parts = {}
-        for i, c in enumerate(self.cache.layers):
-            if isinstance(c, AttnCache):
-                parts[f"k.{i}"], parts[f"v.{i}"] = c.k[:, start:end], c.v[:, start:end]
-            else:
-                parts[f"conv.{i}"], parts[f"state.{i}"] = c.conv, c.state
+        parts = cache_parts(self.cache, self.head_cache, start, end)
         if self.has_head:
-            a = max(start - 1, 0)
-            parts["head.k"], parts["head.v"] = self.head_cache.k[:, a:end - 1], self.head_cache.v[:, a:end - 1]
             parts["hid"] = self._pend_h[0]  # h[end-1], [1, H]
+        if hasattr(self.model, "export_parts"):  # tensor parallel: the other ranks' slices too
+            parts.update(self.model.export_parts(self.cache, self.head_cache, start, end))
         return packed_copy(parts)
 
     def _import_blocks(self, payloads: list[dict], end: int) -> None:
-        for i, c in enumerate(self.cache.layers):
-            if isinstance(c, AttnCache):
-                c.ensure(end)
-                c.k[:, :end] = torch.cat([p[f"k.{i}"] for p in payloads], 1)
-                c.v[:, :end] = torch.cat([p[f"v.{i}"] for p in payloads], 1)
-            else:
-                c.conv, c.state = payloads[-1][f"conv.{i}"].clone(), payloads[-1][f"state.{i}"].clone()
-        self.cache.length = end
-        if self.has_head and end > 1:
-            hc = self.head_cache
-            hc.ensure(end - 1)
-            hc.k[:, :end - 1] = torch.cat([p["head.k"] for p in payloads], 1)
-            hc.v[:, :end - 1] = torch.cat([p["head.v"] for p in payloads], 1)
+        if hasattr(self.model, "import_parts"):
+            self.model.import_parts(self.cache, self.head_cache, payloads, end)
+        restore_parts(self.cache, self.head_cache, payloads, end)
+
+
+def cache_parts(cache, head_cache, start: int, end: int) -> dict:
+    """Views of what positions start..end-1 left in one rank's caches (see the module docstring)."""
+    parts = {}
+    for i, c in enumerate(cache.layers):
+        if isinstance(c, AttnCache):
+            parts[f"k.{i}"], parts[f"v.{i}"] = c.k[:, start:end], c.v[:, start:end]
+        else:
+            parts[f"conv.{i}"], parts[f"state.{i}"] = c.conv, c.state
+    if head_cache is not None:
+        a = max(start - 1, 0)
+        parts["head.k"], parts["head.v"] = head_cache.k[:, a:end - 1], head_cache.v[:, a:end - 1]
+    return parts
+
+
+def restore_parts(cache, head_cache, payloads: list[dict], end: int) -> None:
+    """Set one rank's caches to the state after positions 0..end-1 from consecutive block payloads."""
+    for i, c in enumerate(cache.layers):
+        if isinstance(c, AttnCache):
+            c.ensure(end)
+            c.k[:, :end] = torch.cat([p[f"k.{i}"] for p in payloads], 1)
+            c.v[:, :end] = torch.cat([p[f"v.{i}"] for p in payloads], 1)
+        else:
+            c.conv, c.state = payloads[-1][f"conv.{i}"].clone(), payloads[-1][f"state.{i}"].clone()
+    cache.length = end
+    if head_cache is not None and end > 1:
+        head_cache.ensure(end - 1)
+        head_cache.k[:, :end - 1] = torch.cat([p["head.k"] for p in payloads], 1)
+        head_cache.v[:, :end - 1] = torch.cat([p["head.v"] for p in payloads], 1)
 
 
 def packed_copy(parts: dict) -> dict:

@@ -19,8 +19,8 @@ import torch
 
 from mtplx.backends import RankLost
 
-from .tp_comm import (FREE, HEAD, KEEP, NEW_CACHE, NEW_HEAD_CACHE, PREFILL, PROMPT_LOGITS, SET_LENGTH, STEP,
-                      STOP, SYNC, Channel, TensorParallel)
+from .tp_comm import (EXPORT, FREE, HEAD, IMPORT, KEEP, NEW_CACHE, NEW_HEAD_CACHE, PREFILL, PROMPT_LOGITS,
+                      SET_LENGTH, STEP, STOP, SYNC, Channel, TensorParallel)
 
 
 def attach(model, tp: TensorParallel) -> None:
@@ -138,6 +138,19 @@ class ParallelModel:
     def prompt_logits(self, ids: torch.Tensor) -> torch.Tensor:
         return self.run(PROMPT_LOGITS, ids.tolist(), None, lambda: self.local.prompt_logits(ids))
 
+    # -- prefix cache: every rank's slice of a block, stored on rank 0 under "r<rank>/<name>"
+    def export_parts(self, cache, head_cache, start: int, end: int) -> dict:
+        ints = [cache.id, 0 if head_cache is None else head_cache.id, start, end]
+        got = [None] * self.tp.world
+        self.run(EXPORT, ints, None, lambda: torch.distributed.gather_object({}, got, dst=0))
+        return {f"r{r}/{name}": t for r in range(1, self.tp.world) for name, t in got[r].items()}
+
+    def import_parts(self, cache, head_cache, payloads: list[dict], end: int) -> None:
+        ints = [cache.id, 0 if head_cache is None else head_cache.id, end]
+        per_rank = [None] + [[{k.split("/", 1)[1]: v for k, v in p.items() if k.startswith(f"r{r}/")} for p in payloads]
+                             for r in range(1, self.tp.world)]
+        self.run(IMPORT, ints, None, lambda: torch.distributed.scatter_object_list([None], per_rank, src=0))
+
     def set_batch_threads(self, threads):  # a verify's bits must not depend on rank 0's thread count
         return None
 
@@ -200,6 +213,22 @@ def serve_worker(local, tp: TensorParallel) -> None:
             _head(local, ints, tensor, caches)
         elif op == PROMPT_LOGITS:
             local.prompt_logits(torch.tensor(ints, device=local.device))
+        elif op in (EXPORT, IMPORT):
+            _prefix(op, ints, caches)
+
+
+def _prefix(op: int, ints: list[int], caches: dict) -> None:
+    """A prefix-cache block of this rank: sent to rank 0 (EXPORT) or restored from it (IMPORT)."""
+    from .session import cache_parts, restore_parts
+
+    cache, head = caches[ints[0]], caches.get(ints[1]) if ints[1] else None
+    if op == EXPORT:  # copies: a view would pickle the whole cache buffer
+        parts = {k: v.clone() for k, v in cache_parts(cache, head, ints[2], ints[3]).items()}
+        torch.distributed.gather_object(parts, None, dst=0)
+    else:
+        mine = [None]
+        torch.distributed.scatter_object_list(mine, None, src=0)
+        restore_parts(cache, head, mine[0], ints[2])
 
 
 def _head(local, ints: list[int], hidden: torch.Tensor, caches: dict) -> None:

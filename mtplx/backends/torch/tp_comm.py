@@ -54,7 +54,7 @@ class TensorParallel:
 
 
 # op codes of the channel
-STOP, PREFILL, STEP, HEAD, PROMPT_LOGITS, SYNC = 1, 2, 3, 4, 5, 6
+STOP, PREFILL, STEP, HEAD, PROMPT_LOGITS, SYNC, EXPORT, IMPORT = 1, 2, 3, 4, 5, 6, 7, 8
 NEW_CACHE, NEW_HEAD_CACHE, FREE, KEEP, SET_LENGTH = 11, 12, 13, 14, 15  # deferred (side) ops
 _DTYPES = [None, torch.float32, torch.bfloat16, torch.float16]
 HEADER = 512  # int64 slots in the first broadcast of a message
