@@ -301,3 +301,37 @@ def test_mlx_ring_tp(ckpts, name, tmp_path):
     r = json.loads(out.read_text())
     assert r["mtp"]["1"] == r["plain"] and r["mtp"]["3"] == r["plain"], f"{name}: MLX MTP under TP != depth 0"
     assert max(r["rel"]) < 1e-4, f"{name}: MLX TP logits differ from one process by {max(r['rel']):.2e}"
+
+
+# ---- serve --tp 2: the real server over two ranks ------------------------------------------------
+
+def test_serve_tp(ckpts):
+    """`mtplx serve --tp 2`: concurrent requests through the OpenAI and Anthropic routes give
+    the tokens of a one-at-a-time run, and a second turn restores its prefix from the cache."""
+    httpx = pytest.importorskip("httpx")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mtplx.server.model_adapter import write_test_checkpoint
+    from mtplx.server.testing import ServerProcess
+
+    model_dir = write_test_checkpoint(Path(ckpts["dense"]).parent / "serve")
+    args = ["mtplx", "serve", "--model", str(model_dir), "--tp", "2", "--depth", "2", "--cache-block", "16",
+            "--log-level", "warning", "--threads", "1"]
+    with ServerProcess(args, startup_timeout=180, env={"OMP_NUM_THREADS": "1"}) as srv:
+        url = srv.base_url
+        long_user = " ".join(f"word{i}" for i in range(40))
+
+        def chat(content):
+            body = {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": 12,
+                    "temperature": 0}
+            return httpx.post(url + "/v1/chat/completions", json=body, timeout=120).json()
+
+        alone = [chat(f"{long_user} question {i}") for i in range(3)]
+        with ThreadPoolExecutor(3) as ex:
+            together = list(ex.map(chat, [f"{long_user} question {i}" for i in range(3)]))
+        for a, b in zip(alone, together):
+            assert a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"]
+        assert together[0]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+        msg = httpx.post(url + "/v1/messages", json={"model": "m", "max_tokens": 8, "messages": [
+            {"role": "user", "content": "hello"}]}, timeout=120).json()
+        assert msg["type"] == "message" and msg["content"][0]["type"] == "text"
