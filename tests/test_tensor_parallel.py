@@ -335,3 +335,25 @@ def test_serve_tp(ckpts):
         msg = httpx.post(url + "/v1/messages", json={"model": "m", "max_tokens": 8, "messages": [
             {"role": "user", "content": "hello"}]}, timeout=120).json()
         assert msg["type"] == "message" and msg["content"][0]["type"] == "text"
+
+
+@pytest.mark.parametrize("layout,quantize", [("hf", None), ("hf_fused", None), ("mlx", (8, 32))])
+def test_sharded_load_equals_slices_of_the_whole(tmp_path, layout, quantize):
+    """A rank's load (per-expert files sliced before stacking, MLX-quantized modules after
+    dequantizing) gives exactly its slices of the one-process model's tensors."""
+    from mtplx.backends.torch.loader import load_torch_model
+
+    cfg = preset_config("qwen3.5-35b-a3b", **_two_layers())
+    ck = write_synthetic_checkpoint(tmp_path / layout, cfg, layout=layout, quantize=quantize, seed=5)
+    whole = dict(load_torch_model(ck.path, dtype="float32", kernel="torch").named_parameters())
+    I = whole["layers.0.mlp.gate_up"].shape[1] // 2
+    for r in range(2):
+        part = dict(load_torch_model(ck.path, dtype="float32", kernel="torch", shard=(r, 2)).named_parameters())
+        assert part.keys() == whole.keys()
+        for name, p in part.items():
+            if p.shape == whole[name].shape:
+                assert torch.equal(p, whole[name]), name
+        gu, h = whole["layers.0.mlp.gate_up"], I // 2
+        want = torch.cat([gu[:, r * h:(r + 1) * h], gu[:, I + r * h:I + (r + 1) * h]], 1)
+        assert torch.equal(part["layers.0.mlp.gate_up"], want)
+        assert torch.equal(part["layers.0.mlp.down"], whole["layers.0.mlp.down"][..., r * h:(r + 1) * h])

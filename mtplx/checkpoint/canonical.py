@@ -102,20 +102,36 @@ def canonical_weights(
     *,
     source_norm_convention="auto",
     include_mtp: bool = True,
+    select: Callable[[str, np.ndarray], np.ndarray] | None = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (canonical_name, array) for every text-model tensor of `tensors`.
 
     source_norm_convention: "auto" (declared format, else weight statistics; per group),
     "zero_centered", "one_plus_w", or {"backbone": ..., "mtp": ...}.
+    select(name, array) -> the part of it to yield (a tensor-parallel rank's slice,
+    mtplx.checkpoint.shard), applied to each expert before stacking: a rank then never holds a
+    whole layer's experts. Not applied to MLX-quantized parts (packed words: sliced after
+    dequantizing).
     """
     conventions = resolve_conventions(tensors, source_norm_convention)
-    plan = build_plan(tensors, config, conventions, include_mtp=include_mtp)
+    plan = build_plan(tensors, config, conventions, include_mtp=include_mtp, select=select)
     for name, fn in plan:
         yield name, fn()
 
 
+def _quant_part(name: str, a) -> bool:
+    return name.endswith((".scales", ".biases")) or np.asarray(a).dtype == np.uint32
+
+
+def _selected(select, name: str, fn):
+    def thunk():
+        a = fn()
+        return a if _quant_part(name, a) else select(name, a)
+    return thunk
+
+
 def build_plan(tensors: Mapping, config: ModelConfig, conventions: dict[str, str], *,
-               include_mtp: bool = True) -> list[tuple[str, Callable[[], np.ndarray]]]:
+               include_mtp: bool = True, select=None) -> list[tuple[str, Callable[[], np.ndarray]]]:
     """The list of (canonical_name, thunk) without reading any tensor data."""
     plan: list[tuple[str, Callable[[], np.ndarray]]] = []
     per_expert: dict[tuple[str, str, str], dict[int, str]] = {}  # (out_prefix, proj, part) -> {e: key}
@@ -200,6 +216,9 @@ def build_plan(tensors: Mapping, config: ModelConfig, conventions: dict[str, str
         else:
             plan.append((name, get(key)))
 
+    if select is not None:  # the stacked experts (below) apply it to each expert
+        plan = [(name, _selected(select, name, fn)) for name, fn in plan]
+    stacked: set[str] = set()
     for kind, k3 in order:
         prefix, proj, part = k3
         experts = per_expert[k3]
@@ -212,7 +231,10 @@ def build_plan(tensors: Mapping, config: ModelConfig, conventions: dict[str, str
         quant = src_module in quantized_modules
         name = f"{module}.{part}" if (quant or part != "weight") else module
         ks = [experts[e] for e in range(n)]
-        plan.append((name, lambda ks=ks: np.stack([np.asarray(tensors[k]) for k in ks], axis=0)))
+        pick = select if select is not None and not quant else (lambda _, a: a)
+        plan.append((name, lambda ks=ks, name=name, pick=pick:
+                     np.stack([np.asarray(pick(name, tensors[k])) for k in ks], axis=0)))
+        stacked.add(name)
 
     seen = set()
     for name, _ in plan:
@@ -228,7 +250,7 @@ def canonical_dict(tensors: Mapping, config: ModelConfig, **kw) -> dict[str, np.
 
 
 def load_canonical(model_dir: str | Path, *, include_mtp: bool = True,
-                   source_norm_convention="auto") -> Iterator[tuple[str, np.ndarray]]:
+                   source_norm_convention="auto", select=None) -> Iterator[tuple[str, np.ndarray]]:
     """Open `model_dir`, parse its config, run the tensor gate, and yield canonical tensors.
 
     Raises CheckpointError (inspect's one-line reason) when inspect would reject the checkpoint:
@@ -246,7 +268,7 @@ def load_canonical(model_dir: str | Path, *, include_mtp: bool = True,
     conv = source_norm_convention
     if conv == "auto":
         conv = {g: (r.convention or ZERO_CENTERED) for g, r in report.norms.items()}
-    return canonical_weights(store, config, source_norm_convention=conv, include_mtp=include_mtp)
+    return canonical_weights(store, config, source_norm_convention=conv, include_mtp=include_mtp, select=select)
 
 
 __all__ = [

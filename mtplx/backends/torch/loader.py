@@ -203,12 +203,17 @@ def load_torch_model(source, dtype=torch.bfloat16, device="cpu", *, config: Mode
             raise ValueError(f"dtype {dtype!r} not supported; use one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
     nbytes = 0
+    # tensor parallel: the checkpoint layer yields this rank's slices (each expert sliced before
+    # stacking); what it cannot slice (a raw canonical iterator, MLX-quantized parts) is sliced here
+    select = None if shard is None else (lambda name, a: take_shard(a, shard_rule(name, cfg, *shard)))
+    presliced = shard is not None and isinstance(source, (str, Path, Mapping))
     if isinstance(source, (str, Path)):
         from mtplx.checkpoint.canonical import load_canonical
 
         path = Path(source)
         cfg = config or load_config(path)
-        items = load_canonical(path, include_mtp=include_mtp, source_norm_convention=source_norm_convention)
+        items = load_canonical(path, include_mtp=include_mtp, source_norm_convention=source_norm_convention,
+                               select=select)
         nbytes = _checkpoint_bytes(path)
     elif isinstance(source, Mapping):
         if config is None:
@@ -216,7 +221,8 @@ def load_torch_model(source, dtype=torch.bfloat16, device="cpu", *, config: Mode
         from mtplx.checkpoint.canonical import canonical_weights
 
         cfg = config
-        items = canonical_weights(source, cfg, include_mtp=include_mtp, source_norm_convention=source_norm_convention)
+        items = canonical_weights(source, cfg, include_mtp=include_mtp, source_norm_convention=source_norm_convention,
+                                  select=select)
     elif isinstance(source, Iterable):
         if config is None:
             raise ValueError("load_torch_model: a canonical iterator needs config=ModelConfig")
@@ -232,7 +238,7 @@ def load_torch_model(source, dtype=torch.bfloat16, device="cpu", *, config: Mode
     filled: set[tuple[int, str]] = set()  # (storage pointer of the parameter, canonical name)
     quant_parts: dict[str, dict] = {}
 
-    def assign(name: str, arr) -> None:
+    def assign(name: str, arr, sliced: bool = presliced) -> None:
         if name.startswith("mtp.") and model.mtp is None:
             if not include_mtp:
                 return
@@ -249,7 +255,7 @@ def load_torch_model(source, dtype=torch.bfloat16, device="cpu", *, config: Mode
                                   f"(layers={cfg.num_hidden_layers}, moe={cfg.is_moe}); is the config right?") from None
         if dst is None:
             return
-        if shard is not None:
+        if shard is not None and not sliced:
             arr = take_shard(arr, shard_rule(name, cfg, *shard))
         src = _to_torch(arr)
         if tuple(src.shape) != tuple(dst.shape):
@@ -277,7 +283,7 @@ def load_torch_model(source, dtype=torch.bfloat16, device="cpu", *, config: Mode
                 if len(parts) == 3:
                     w = _dequantize(mod, quant_parts.pop(mod), cfg)
                     tgt = mod if re.search(r"experts\.(gate|up|down)_proj$", mod) else mod + ".weight"
-                    assign(tgt, w)
+                    assign(tgt, w, sliced=False)
             else:
                 assign(name, arr)
             if bar is not None:
