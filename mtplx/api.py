@@ -126,7 +126,9 @@ def load(path: str | Path | None = None, backend: str | None = None, dtype: str 
     """Load a checkpoint folder (None: the embedded default model) on a backend.
 
     `options` go to the backend's loader (torch: e.g. quantize="int8", kernel="auto",
-    mtp_hidden="pre"; see mtplx.backends.torch.loader.load_torch_model)."""
+    mtp_hidden="pre"; see mtplx.backends.torch.loader.load_torch_model). tp=N: tensor parallel
+    over N processes, this one rank 0 (torch: the others spawned here or torchrun's; MLX: under
+    mlx.launch; docs/tensor-parallel.md); `model.model.close()` stops the other ranks."""
     if path is None:
         path = default_model_path()
         if path is None:

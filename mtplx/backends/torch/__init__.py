@@ -11,7 +11,8 @@ Training entry points (autograd-safe, parallel path):
 
 Files: model.py (numerics, layers, target model), mtp.py (head), cache.py (caches with rollback),
 loader.py (canonical weights -> model), session.py (the Session protocol), kernels.py (optional
-compiled fixed-order few-row matmul), sampling.py (filtering, sampling, exact acceptance).
+compiled fixed-order few-row matmul), sampling.py (filtering, sampling, exact acceptance),
+tp.py / tp_comm.py / tp_launch.py (tensor parallelism over torch.distributed, docs/tensor-parallel.md).
 """
 
 from __future__ import annotations

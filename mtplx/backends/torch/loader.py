@@ -202,34 +202,11 @@ def load_torch_model(source, dtype=torch.bfloat16, device="cpu", *, config: Mode
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} not supported; use one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
-    nbytes = 0
     # tensor parallel: the checkpoint layer yields this rank's slices (each expert sliced before
     # stacking); what it cannot slice (a raw canonical iterator, MLX-quantized parts) is sliced here
     select = None if shard is None else (lambda name, a: take_shard(a, shard_rule(name, cfg, *shard)))
     presliced = shard is not None and isinstance(source, (str, Path, Mapping))
-    if isinstance(source, (str, Path)):
-        from mtplx.checkpoint.canonical import load_canonical
-
-        path = Path(source)
-        cfg = config or load_config(path)
-        items = load_canonical(path, include_mtp=include_mtp, source_norm_convention=source_norm_convention,
-                               select=select)
-        nbytes = _checkpoint_bytes(path)
-    elif isinstance(source, Mapping):
-        if config is None:
-            raise ValueError("load_torch_model: a tensor mapping needs config=ModelConfig")
-        from mtplx.checkpoint.canonical import canonical_weights
-
-        cfg = config
-        items = canonical_weights(source, cfg, include_mtp=include_mtp, source_norm_convention=source_norm_convention,
-                                  select=select)
-    elif isinstance(source, Iterable):
-        if config is None:
-            raise ValueError("load_torch_model: a canonical iterator needs config=ModelConfig")
-        cfg = config
-        items = iter(source)
-    else:
-        raise TypeError(f"load_torch_model: expected a folder, a mapping or an iterable, got {type(source).__name__}")
+    cfg, items, nbytes = _canonical_items(source, config, include_mtp, source_norm_convention, select)
 
     model = _build(cfg, dtype, device, shard)
     if mtp_hidden not in ("post", "pre"):
@@ -265,15 +242,7 @@ def load_torch_model(source, dtype=torch.bfloat16, device="cpu", *, config: Mode
             dst.copy_(src)
         filled.add((dst.untyped_storage().data_ptr(), name))
 
-    show = progress if progress is not None else nbytes >= PROGRESS_MIN_BYTES
-    bar = None
-    if show:
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
-
-        bar = Progress(TextColumn("loading weights"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
-                       TextColumn("{task.fields[name]}"), transient=True)
-        bar.start()
-        task = bar.add_task("load", total=nbytes or None, name="")
+    bar, task = _progress_bar(progress if progress is not None else nbytes >= PROGRESS_MIN_BYTES, nbytes)
     try:
         for name, arr in items:
             if name.endswith((".scales", ".biases")) or (name.endswith(".weight") and np.asarray(arr).dtype == np.uint32):
@@ -297,14 +266,56 @@ def load_torch_model(source, dtype=torch.bfloat16, device="cpu", *, config: Mode
     if shard is not None and model.lm_head is None:  # tied: this rank's vocab rows of the embedding
         a, b, _ = vocab_slice(cfg, *shard)
         model.lm_head = nn.Parameter(model.embed[a:b], requires_grad=False)
-    if quantize is not None:  # weight-only int8 on load (backends/torch/int8.py, docs/quantization.md)
+    return _finish(model, quantize, kernel, draft_lm_head)
+
+
+def _progress_bar(show: bool, nbytes: int):
+    """A started rich progress bar over the checkpoint's bytes and its task, or (None, None)."""
+    if not show:
+        return None, None
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("loading weights"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[name]}"), transient=True)
+    bar.start()
+    return bar, bar.add_task("load", total=nbytes or None, name="")
+
+
+def _canonical_items(source, config, include_mtp: bool, norm_convention, select):
+    """-> (config, canonical (name, array) iterator, checkpoint bytes or 0) of a folder, a raw
+    tensor mapping (+ config) or a canonical iterator (+ config)."""
+    if isinstance(source, (str, Path)):
+        from mtplx.checkpoint.canonical import load_canonical
+
+        path = Path(source)
+        cfg = config or load_config(path)
+        items = load_canonical(path, include_mtp=include_mtp, source_norm_convention=norm_convention, select=select)
+        return cfg, items, _checkpoint_bytes(path)
+    if isinstance(source, Mapping):
+        if config is None:
+            raise ValueError("load_torch_model: a tensor mapping needs config=ModelConfig")
+        from mtplx.checkpoint.canonical import canonical_weights
+
+        items = canonical_weights(source, config, include_mtp=include_mtp, source_norm_convention=norm_convention,
+                                  select=select)
+        return config, items, 0
+    if isinstance(source, Iterable):
+        if config is None:
+            raise ValueError("load_torch_model: a canonical iterator needs config=ModelConfig")
+        return config, iter(source), 0
+    raise TypeError(f"load_torch_model: expected a folder, a mapping or an iterable, got {type(source).__name__}")
+
+
+def _finish(model: Qwen35Model, quantize: str | None, kernel: str | None, draft_lm_head: str) -> Qwen35Model:
+    """Weight-only int8 (backends/torch/int8.py, docs/quantization.md), the exact-path kernel and
+    the MTP head's draft lm_head."""
+    if quantize is not None:
         if quantize != "int8":
             raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
         from .int8 import quantize_int8
 
         quantize_int8(model)
-    kernel = kernel or os.environ.get("MTPLX_KERNEL", "auto")
-    model.set_kernel(kernel)
+    model.set_kernel(kernel or os.environ.get("MTPLX_KERNEL", "auto"))
     if model.mtp is not None:
         model.mtp.set_draft_lm_head(draft_lm_head)
     return model
