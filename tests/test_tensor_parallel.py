@@ -82,6 +82,22 @@ def test_logits_match_one_process(pair):
         assert rel < 1e-4, f"{name}: TP logits differ from one process by {rel:.2e} (relative)"
 
 
+def test_long_prompt_under_tp(pair):
+    """A prompt of several prefill blocks (messages past the channel's first transfer)."""
+    name, single, par = pair
+    if name != "default":
+        pytest.skip("one checkpoint is enough")
+    ids = _prompt(single, 600, seed=5)
+    last = []
+    for m in (single, par):
+        s = m.new_session()
+        s.prefill(ids)
+        last.append(s._last_logits)
+    assert float((last[0] - last[1]).abs().max() / last[0].abs().max()) < 1e-4
+    p = SamplingParams(max_tokens=8, ignore_eos=True)
+    assert mtplx.generate(par, ids, p, depth=3).token_ids == mtplx.generate(par, ids, p, depth=0).token_ids
+
+
 def test_greedy_mtp_equals_depth0_under_tp(pair):
     name, _, par = pair
     ids = _prompt(par, seed=1)

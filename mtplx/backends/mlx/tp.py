@@ -28,12 +28,11 @@ from mlx_lm.models import qwen3_5 as q35
 from mlx_lm.models.base import gather_last_axis
 from mlx_lm.models.cache import KVCache
 
+from mtplx.backends.tp_protocol import (HEAD, HEADER, NEW_CACHE, NEW_HEAD_CACHE, PREFILL, PROMPT_LOGITS, STEP, STOP,
+                                       CacheHandle, Outbox, apply_side, decode, encode)
 from mtplx.checkpoint.shard import TPError, check_tp
 
-STOP, PREFILL, STEP, HEAD, PROMPT_LOGITS = 1, 2, 3, 4, 5
-NEW_CACHE, NEW_HEAD_CACHE, FREE, KEEP, SET_LENGTH, HEAD_TRIM = 11, 12, 13, 14, 15, 16
 _DTYPES = [None, mx.float32, mx.bfloat16, mx.float16]
-HEADER = 256
 
 
 def under_launcher() -> bool:
@@ -63,70 +62,34 @@ def gather_logits(model, logits: mx.array) -> mx.array:
 
 
 class Channel:
-    """Messages from rank 0 to every other rank: (op, side ops, ints, optional 2-D array)."""
+    """Messages from rank 0 to every other rank (mtplx.backends.tp_protocol) by send / recv."""
 
     def __init__(self, group):
         self.group = group
-        self._side: list[int] = []
-
-    def defer(self, code: int, a: int, b: int = 0) -> None:
-        self._side.extend((code, int(a), int(b)))
+        self.outbox = Outbox()
 
     def send(self, op: int, ints: list[int], tensor: mx.array | None = None) -> None:
-        side, self._side = self._side, []
         code = 0 if tensor is None else next(i for i, d in enumerate(_DTYPES) if i and d == tensor.dtype)
-        msg = [op, len(side) // 3, len(ints), code, *side, *ints] + (list(tensor.shape) if tensor is not None else [])
-        n = min(len(msg), HEADER - 1)
-        head = mx.array([len(msg), *msg[:n]] + [0] * (HEADER - 1 - n), dtype=mx.int32)
-        out = [head] + ([mx.array(msg[n:], dtype=mx.int32)] if len(msg) > n else []) + \
-              ([tensor] if tensor is not None else [])
+        msg = encode(op, self.outbox.take(), ints, code, () if tensor is None else tuple(tensor.shape))
+        n = min(len(msg), HEADER)
+        out = [mx.array(msg[:n] + [0] * (HEADER - n), dtype=mx.int32)]
+        out += [mx.array(msg[n:], dtype=mx.int32)] if len(msg) > n else []
+        out += [tensor] if tensor is not None else []
         for r in range(1, self.group.size()):
             for a in out:  # one at a time: sends in one eval have no order
                 mx.eval(mx.distributed.send(a, r, group=self.group))
 
     def recv(self):
         head = mx.distributed.recv((HEADER,), mx.int32, 0, group=self.group).tolist()
-        total, msg = head[0], head[1:1 + min(head[0], HEADER - 1)]
-        if total > len(msg):
-            msg += mx.distributed.recv((total - len(msg),), mx.int32, 0, group=self.group).tolist()
-        op, n_side, n_ints, code = msg[:4]
-        side = [tuple(msg[4 + 3 * i:7 + 3 * i]) for i in range(n_side)]
-        o = 4 + 3 * n_side
-        ints = msg[o:o + n_ints]
+        msg = head[1:1 + head[0]]
+        if head[0] > len(msg):
+            msg += mx.distributed.recv((head[0] - len(msg),), mx.int32, 0, group=self.group).tolist()
+        op, side, ints, code, shape = decode(msg)
         tensor = None
         if code:
-            tensor = mx.distributed.recv(tuple(msg[o + n_ints:]), _DTYPES[code], 0, group=self.group)
+            tensor = mx.distributed.recv(shape, _DTYPES[code], 0, group=self.group)
             mx.eval(tensor)
         return op, side, ints, tensor
-
-
-class _Handle:
-    """Rank 0's handle of a cache the other ranks know by `id`."""
-
-    def __init__(self, local, cid: int, channel: Channel):
-        self.__dict__.update(local=local, id=cid, _channel=channel)
-
-    def __getattr__(self, name):
-        return getattr(self.local, name)
-
-    def __setattr__(self, name, value):
-        if name == "length":
-            self._channel.defer(SET_LENGTH, self.id, value)
-        setattr(self.local, name, value)
-
-    def keep(self, m: int) -> None:
-        self._channel.defer(KEEP, self.id, m)
-        self.local.keep(m)
-
-    def trim(self, n: int):  # the head's KVCache
-        self._channel.defer(HEAD_TRIM, self.id, n)
-        return self.local.trim(n)
-
-    def __del__(self):
-        try:
-            self._channel.defer(FREE, self.id)
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
 
 
 class _Head:
@@ -154,13 +117,13 @@ class ParallelModel:
 
     def new_cache(self, max_len: int):
         cid = next(self._ids)
-        self.channel.defer(NEW_CACHE, cid, max_len)
-        return _Handle(self.local.new_cache(max_len), cid, self.channel)
+        self.channel.outbox.defer(NEW_CACHE, cid, max_len)
+        return CacheHandle(self.local.new_cache(max_len), cid, self.channel.outbox)
 
     def new_head_cache(self):
         cid = next(self._ids)
-        self.channel.defer(NEW_HEAD_CACHE, cid)
-        return _Handle(KVCache(), cid, self.channel)
+        self.channel.outbox.defer(NEW_HEAD_CACHE, cid)
+        return CacheHandle(KVCache(), cid, self.channel.outbox)
 
     def prefill(self, ids, cache):
         self.channel.send(PREFILL, [cache.id, *ids.tolist()])
@@ -191,19 +154,7 @@ def serve_worker(local, group) -> None:
     caches: dict[int, object] = {}
     while True:
         op, side, ints, tensor = channel.recv()
-        for code, a, b in side:
-            if code == NEW_CACHE:
-                caches[a] = local.new_cache(b)
-            elif code == NEW_HEAD_CACHE:
-                caches[a] = KVCache()
-            elif code == FREE:
-                caches.pop(a, None)
-            elif code == KEEP:
-                caches[a].keep(b)
-            elif code == SET_LENGTH:
-                caches[a].length = b
-            elif code == HEAD_TRIM:
-                caches[a].trim(b)
+        apply_side(side, caches, local.new_cache, lambda _: KVCache())
         if op == STOP:
             return
         if op == PREFILL:

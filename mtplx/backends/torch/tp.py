@@ -19,8 +19,10 @@ import torch
 
 from mtplx.backends import RankLost
 
-from .tp_comm import (EXPORT, FREE, HEAD, IMPORT, KEEP, NEW_CACHE, NEW_HEAD_CACHE, PREFILL, PROMPT_LOGITS,
-                      SET_LENGTH, STEP, STOP, SYNC, Channel, TensorParallel)
+from mtplx.backends.tp_protocol import (EXPORT, HEAD, IMPORT, NEW_CACHE, NEW_HEAD_CACHE, PREFILL, PROMPT_LOGITS,
+                                       STEP, STOP, SYNC, CacheHandle, apply_side)
+
+from .tp_comm import Channel, TensorParallel
 
 
 def attach(model, tp: TensorParallel) -> None:
@@ -32,31 +34,6 @@ def attach(model, tp: TensorParallel) -> None:
 
 
 _LOST = ("Connection closed", "Connection reset", "Broken pipe", "NCCL error")  # a peer went away
-
-
-class ParallelCache:
-    """Rank 0's handle of one cache: the local shard cache plus the id the other ranks know it by."""
-
-    def __init__(self, local, cid: int, channel: Channel):
-        self.__dict__.update(local=local, id=cid, _channel=channel)
-
-    def __getattr__(self, name):
-        return getattr(self.local, name)
-
-    def __setattr__(self, name, value):
-        if name == "length":  # prefix import moves the committed length: mirror it
-            self._channel.defer(SET_LENGTH, self.id, value)
-        setattr(self.local, name, value)
-
-    def keep(self, m: int) -> None:
-        self._channel.defer(KEEP, self.id, m)
-        self.local.keep(m)
-
-    def __del__(self):
-        try:
-            self._channel.defer(FREE, self.id)
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
 
 
 class ParallelHead:
@@ -97,15 +74,15 @@ class ParallelModel:
         setattr(self.local, name, value)
 
     # -- caches
-    def new_cache(self, max_len: int) -> ParallelCache:
+    def new_cache(self, max_len: int) -> CacheHandle:
         cid = next(self._ids)
-        self.channel.defer(NEW_CACHE, cid, max_len)
-        return ParallelCache(self.local.new_cache(max_len), cid, self.channel)
+        self.channel.outbox.defer(NEW_CACHE, cid, max_len)
+        return CacheHandle(self.local.new_cache(max_len), cid, self.channel.outbox)
 
-    def new_head_cache(self, max_len: int) -> ParallelCache:
+    def new_head_cache(self, max_len: int) -> CacheHandle:
         cid = next(self._ids)
-        self.channel.defer(NEW_HEAD_CACHE, cid, max_len)
-        return ParallelCache(self.local.new_head_cache(max_len), cid, self.channel)
+        self.channel.outbox.defer(NEW_HEAD_CACHE, cid, max_len)
+        return CacheHandle(self.local.new_head_cache(max_len), cid, self.channel.outbox)
 
     # -- forwards
     def run(self, op: int, ints: list[int], tensor, forward):
@@ -124,10 +101,10 @@ class ParallelModel:
                 raise RankLost(f"tensor-parallel {who or 'rank connection lost'}: the model is stopped, load it again") from e
             raise
 
-    def prefill(self, ids: torch.Tensor, cache: ParallelCache):
+    def prefill(self, ids: torch.Tensor, cache: CacheHandle):
         return self.run(PREFILL, [cache.id, *ids.tolist()], None, lambda: self.local.prefill(ids, cache.local))
 
-    def step(self, ids: torch.Tensor, cache: ParallelCache):
+    def step(self, ids: torch.Tensor, cache: CacheHandle):
         return self.step_many(ids, [ids.shape[0]], [cache])
 
     def step_many(self, ids: torch.Tensor, lengths: list[int], caches: list):
@@ -190,17 +167,7 @@ def serve_worker(local, tp: TensorParallel) -> None:
     caches: dict[int, object] = {}
     while True:
         op, side, ints, tensor = channel.recv()
-        for code, a, b in side:
-            if code == NEW_CACHE:
-                caches[a] = local.new_cache(b)
-            elif code == NEW_HEAD_CACHE:
-                caches[a] = local.new_head_cache(b)
-            elif code == FREE:
-                caches.pop(a, None)
-            elif code == KEEP:
-                caches[a].keep(b)
-            elif code == SET_LENGTH:
-                caches[a].length = b
+        apply_side(side, caches, local.new_cache, local.new_head_cache)
         if op == STOP:
             return
         if op == PREFILL:
@@ -241,4 +208,4 @@ def _head(local, ints: list[int], hidden: torch.Tensor, caches: dict) -> None:
         local.mtp.rows_many(hidden, ids, list(zip(pos0s, lengths)), [caches[c] for c in cids])
 
 
-__all__ = ["attach", "ParallelModel", "ParallelHead", "ParallelCache", "serve_worker"]
+__all__ = ["attach", "ParallelModel", "ParallelHead", "serve_worker"]

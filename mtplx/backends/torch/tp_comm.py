@@ -6,18 +6,19 @@
   would stop matching decode. Gathered, every element is p_0 + p_1 + ... + p_{N-1} whatever
   the row count, on every rank alike (the replicated residual stream stays identical).
 - `gather_vocab`: each rank's lm_head slice of the logits -> the whole vocab on rank 0.
-- `Channel`: rank 0 tells the other ranks what to run (an op code and its ints in one int64
-  broadcast, plus at most one tensor); cheap bookkeeping (new / freed caches, rollbacks) rides
-  along with the next compute op instead of costing a broadcast of its own.
+- `Channel`: rank 0 tells the other ranks what to run (mtplx/backends/tp_protocol.py: an op
+  code and its ints in one int64 broadcast, plus at most one tensor); cheap bookkeeping (new /
+  freed caches, rollbacks) rides along with the next forward instead of a broadcast of its own.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 
 import torch
 import torch.distributed as dist
+
+from mtplx.backends.tp_protocol import HEADER, Outbox, decode, encode
 
 
 class TensorParallel:
@@ -53,59 +54,37 @@ class TensorParallel:
         return torch.cat(parts, -1)[..., :vocab]
 
 
-# op codes of the channel
-STOP, PREFILL, STEP, HEAD, PROMPT_LOGITS, SYNC, EXPORT, IMPORT = 1, 2, 3, 4, 5, 6, 7, 8
-NEW_CACHE, NEW_HEAD_CACHE, FREE, KEEP, SET_LENGTH = 11, 12, 13, 14, 15  # deferred (side) ops
 _DTYPES = [None, torch.float32, torch.bfloat16, torch.float16]
-HEADER = 512  # int64 slots in the first broadcast of a message
 
 
 class Channel:
-    """Messages from rank 0: (op, side ops, ints, optional 2-D tensor)."""
+    """Messages from rank 0 (mtplx.backends.tp_protocol): an int64 broadcast of HEADER slots,
+    the rest of a longer message, then at most one tensor."""
 
     def __init__(self, tp: TensorParallel):
         self.tp = tp
-        self._side: list[int] = []  # (code, a, b) triples waiting for the next message
-        self._lock = threading.Lock()
-        self.sent = 0
-
-    def defer(self, code: int, a: int, b: int = 0) -> None:
-        with self._lock:
-            self._side.extend((code, int(a), int(b)))
+        self.outbox = Outbox()
 
     def send(self, op: int, ints: list[int], tensor: torch.Tensor | None = None) -> None:
-        with self._lock:
-            side, self._side = self._side, []
         code = 0 if tensor is None else _DTYPES.index(tensor.dtype)
-        msg = [op, len(side) // 3, len(ints), code, *side, *ints]
-        if tensor is not None:
-            msg += list(tensor.shape)
+        msg = encode(op, self.outbox.take(), ints, code, () if tensor is None else tuple(tensor.shape))
         head = torch.zeros(HEADER, dtype=torch.long)
-        n = min(len(msg), HEADER - 1)
-        head[0] = len(msg)
-        head[1:1 + n] = torch.tensor(msg[:n], dtype=torch.long)
+        n = min(len(msg), HEADER)
+        head[:n] = torch.tensor(msg[:n], dtype=torch.long)
         self._bcast(head)
         if len(msg) > n:
             self._bcast(torch.tensor(msg[n:], dtype=torch.long))
         if tensor is not None:
             self._bcast(tensor.contiguous())
-        self.sent += 1
 
     def recv(self):
-        """-> (op, side [(code, a, b)], ints, tensor | None) (the other ranks)."""
-        head = self._bcast(torch.empty(HEADER, dtype=torch.long))
-        total = int(head[0])
-        msg = head[1:1 + min(total, HEADER - 1)].tolist()
-        if total > len(msg):
-            msg += self._bcast(torch.empty(total - len(msg), dtype=torch.long)).tolist()
-        op, n_side, n_ints, code = msg[:4]
-        side = [tuple(msg[4 + 3 * i:7 + 3 * i]) for i in range(n_side)]
-        o = 4 + 3 * n_side
-        ints = msg[o:o + n_ints]
-        tensor = None
-        if code:
-            shape = msg[o + n_ints:]
-            tensor = self._bcast(torch.empty(shape, dtype=_DTYPES[code]))
+        """-> (op, side [(code, id, value)], ints, tensor | None) (the other ranks)."""
+        head = self._bcast(torch.empty(HEADER, dtype=torch.long)).tolist()
+        msg = head[1:1 + head[0]]
+        if head[0] > len(msg):
+            msg += self._bcast(torch.empty(head[0] - len(msg), dtype=torch.long)).tolist()
+        op, side, ints, code, shape = decode(msg)
+        tensor = self._bcast(torch.empty(shape, dtype=_DTYPES[code])) if code else None
         return op, side, ints, tensor
 
     def _bcast(self, t: torch.Tensor) -> torch.Tensor:
