@@ -107,6 +107,7 @@ def run(args) -> int:
     model, params, prompts = prepare(args)
     report = measure(model, prompts, depths, params, args.repeats, quiet=args.json or not sys.stderr.isatty())
     data = {"model": str(model.path), "backend": model.backend, "dtype": model.dtype, "device": model.device,
+            "tp": model.load_options.get("tp", 1),
             **report.to_dict()}
     if args.out:
         with open(args.out, "w") as f:
@@ -114,8 +115,10 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(data))
     else:
-        Console().print(format_table(report, f"mtplx bench: {model.path.name} ({model.backend}, {model.dtype}, "
-                                             f"temp {params.temperature}, {len(prompts)} prompts x {args.repeats})"))
+        tp = model.load_options.get("tp", 1)
+        Console().print(format_table(report, f"mtplx bench: {model.path.name} ({model.backend}, {model.dtype}"
+                                             f"{f', tp {tp}' if tp > 1 else ''}, temp {params.temperature}, "
+                                             f"{len(prompts)} prompts x {args.repeats})"))
     bad = [d for d, r in report.results.items() if d and params.greedy and r.mismatches]
     if bad:
         print(f"error: greedy MTP output differed from depth 0 at depths {bad}: please report this bug",
