@@ -373,3 +373,20 @@ def test_sharded_load_equals_slices_of_the_whole(tmp_path, layout, quantize):
         want = torch.cat([gu[:, r * h:(r + 1) * h], gu[:, I + r * h:I + (r + 1) * h]], 1)
         assert torch.equal(part["layers.0.mlp.gate_up"], want)
         assert torch.equal(part["layers.0.mlp.down"], whole["layers.0.mlp.down"][..., r * h:(r + 1) * h])
+
+
+def test_under_torchrun(ckpts):
+    """torchrun starts both ranks; rank 0 runs the command, rank 1 serves it and both exit 0."""
+    import json
+    import shutil
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not installed")
+    cmd = [torchrun, "--nproc-per-node", "2", "-m", "mtplx", "generate", "--model", str(ckpts["moe"]), "--tp", "2",
+           "--prompt", "hello world", "--max-tokens", "12", "--ignore-eos", "--depth", "2", "--compare", "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", MTPLX_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["compare"]["identical_tokens"] is True and len(out["token_ids"]) == 12

@@ -77,9 +77,10 @@ def load_parallel(path, tp: int, dtype: str, device: str, threads: int | None = 
             raise ValueError(f"--tp {tp} under torchrun with WORLD_SIZE={world}: launch {tp} processes "
                              f"(torchrun --nproc-per-node / --nnodes) or pass --tp {world}")
         rank = int(os.environ["RANK"])
-        model = _start_rank(spec, rank, int(os.environ.get("LOCAL_RANK", rank)))
         if rank:
-            sys.exit(0)
+            sys.exit(_worker_main(spec, rank))
+        model = _start_rank(spec, 0, int(os.environ.get("LOCAL_RANK", 0)))
+        atexit.register(model.close)
         return model
     port = _free_port()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -201,19 +202,20 @@ def _die_with_parent() -> None:  # Linux: a spawned rank gets SIGKILL when rank 
         pass
 
 
-def _worker_main() -> int:
-    spec = json.loads(os.environ[ENV_SPEC])
-    rank = int(os.environ["RANK"])
+def _worker_main(spec: dict, rank: int) -> int:
+    """A rank other than 0, spawned or torchrun's: load, serve rank 0 until it stops (0), or
+    until it goes away (1, one line: rank 0 or its launcher says why)."""
     try:
         _start_rank(spec, rank, int(os.environ.get("LOCAL_RANK", rank)))
     except RuntimeError as e:
-        if "Connection closed" in str(e) or "Connection reset" in str(e):
-            return 1  # rank 0 went away: it says why
+        if any(w in str(e) for w in ("Connection closed", "Connection reset", "Broken pipe")):
+            sys.stderr.write(f"mtplx: tensor-parallel rank {rank}: rank 0 went away; exiting\n")
+            return 1
         raise
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(_worker_main())
+    sys.exit(_worker_main(json.loads(os.environ[ENV_SPEC]), int(os.environ["RANK"])))
 
 __all__ = ["load_parallel"]
