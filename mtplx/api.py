@@ -91,9 +91,6 @@ class Model:
         cache_dir adds the disk tier (kept across restarts). Returns the PrefixCache."""
         from mtplx.prefix import make_prefix_cache
 
-        if self.load_options.get("tp", 1) > 1 and self.backend != "torch":
-            raise ValueError("the prefix cache does not run under MLX tensor parallelism yet (--tp): "
-                             "run without it (serve --cache-gb 0)")
         self.prefix_cache = make_prefix_cache(self, gb=gb, block=block, ttl_s=ttl_s, cache_dir=cache_dir,
                                               disk_gb=disk_gb)
         return self.prefix_cache

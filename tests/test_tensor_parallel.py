@@ -317,6 +317,8 @@ def test_mlx_ring_tp(ckpts, name, tmp_path):
     r = json.loads(out.read_text())
     assert r["mtp"]["1"] == r["plain"] and r["mtp"]["3"] == r["plain"], f"{name}: MLX MTP under TP != depth 0"
     assert max(r["rel"]) < 1e-4, f"{name}: MLX TP logits differ from one process by {max(r['rel']):.2e}"
+    assert all(x["same"] for x in r["prefix"]), f"{name}: MLX prefix cache on != off under TP"
+    assert r["prefix"][1]["cached"] == 32
 
 
 # ---- serve --tp 2: the real server over two ranks ------------------------------------------------

@@ -167,7 +167,7 @@ def run(args) -> int:
     bt = getattr(adapter.model.model, "batch_threads", None)
     pc = adapter.prefix_cache
     tp = adapter.model.load_options.get("tp", 1)
-    cache_note = ("prefix cache off" + (" (not under MLX --tp yet)" if tp > 1 and adapter.model.backend == "mlx" else "")) if pc is None else (
+    cache_note = "prefix cache off" if pc is None else (
         f"prefix cache {pc.max_bytes / (1 << 30):.1f} GB in blocks of {pc.block_size}"
         f"{f', disk {pc.disk.folder}' if pc.disk is not None else ''}")
     print(f"mtplx serve: {app.state.mtplx.model_id} (MTP depth {depth}; {tools}"

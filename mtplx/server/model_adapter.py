@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
 from mtplx.decoding.params import SamplingParams
 from mtplx.server.engine import GenStats, GenStep
-
-log = logging.getLogger("mtplx.serve")
 
 
 class PromptError(ValueError):
@@ -124,9 +121,7 @@ def load_adapter(path: str | None, backend: str | None = None, dtype: str | None
         # measured 0.63x the aggregate of 1 (the OpenMP workers wait for a busy core)
         model.model.set_batch_threads(cores - 1 if batch_threads is None else batch_threads)
     opts = dict(prefix_cache or {})
-    if opts.get("gb", 0) > 0 and tp > 1 and model.backend != "torch":
-        log.warning("prefix cache off: it does not run under MLX tensor parallelism (--tp %d) yet", tp)
-    elif opts.get("gb", 0) > 0:  # after the thread count is set: it is part of a disk cache's identity
+    if opts.get("gb", 0) > 0:  # after the thread count is set: it is part of a disk cache's identity
         model.enable_prefix_cache(**opts)
     adapter = MtplxModelAdapter(model, max_context=max_context, model_id=model_id, draft_cutoff=draft_cutoff,
                                 chat_template=chat_template, prefill_block=opts.get("block"))

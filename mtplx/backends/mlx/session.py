@@ -51,38 +51,18 @@ class MlxSession(SessionBase):
             self.head_cache.trim(extra)
 
     def _export_block(self, start: int, end: int) -> dict:
-        out = {}
-        for i, c in enumerate(self.cache.layers):
-            if isinstance(c, AttnState):
-                out[f"k.{i}"] = _own(c.inner.keys[..., start:end, :])
-                out[f"v.{i}"] = _own(c.inner.values[..., start:end, :])
-            else:
-                out[f"conv.{i}"], out[f"state.{i}"] = _own(c.inner[0]), _own(c.inner[1])
+        out = cache_parts(self.cache, self.head_cache if self.has_head else None, start, end)
         if self.has_head:
-            a = max(start - 1, 0)
-            hc = self.head_cache
-            out["head.k"] = _own(hc.keys[..., a:end - 1, :]) if hc.keys is not None else None
-            out["head.v"] = _own(hc.values[..., a:end - 1, :]) if hc.keys is not None else None
             out["hid"] = _own(self._pend_h[0])
-            if out["head.k"] is None:
-                del out["head.k"], out["head.v"]
+        if hasattr(self.model, "export_parts"):  # tensor parallel: the other ranks' slices too
+            out.update(self.model.export_parts(self.cache, self.head_cache, start, end))
         mx.eval(*out.values())
         return out
 
     def _import_blocks(self, payloads: list[dict], end: int) -> None:
-        for i, c in enumerate(self.cache.layers):
-            if isinstance(c, AttnState):
-                k = mx.concatenate([p[f"k.{i}"] for p in payloads], axis=2)
-                v = mx.concatenate([p[f"v.{i}"] for p in payloads], axis=2)
-                c.inner.state = (k, v, end)
-            else:
-                c.inner[0], c.inner[1] = payloads[-1][f"conv.{i}"], payloads[-1][f"state.{i}"]
-        self.cache.length = end
-        if self.has_head:
-            parts = [p for p in payloads if "head.k" in p]
-            if parts:
-                self.head_cache.state = (mx.concatenate([p["head.k"] for p in parts], axis=2),
-                                         mx.concatenate([p["head.v"] for p in parts], axis=2), end - 1)
+        if hasattr(self.model, "import_parts"):
+            self.model.import_parts(self.cache, self.head_cache, payloads, end)
+        restore_parts(self.cache, self.head_cache if self.has_head else None, payloads, end)
 
     def peak_memory_bytes(self) -> int:
         """mlx's peak memory on Apple GPUs (0 on CPU: the loop falls back to the process RSS)."""
@@ -92,8 +72,40 @@ class MlxSession(SessionBase):
         return int(fn()) if fn else 0
 
 
+def cache_parts(cache, head_cache, start: int, end: int) -> dict:
+    """Copies of what positions start..end-1 left in one rank's caches (see the module docstring)."""
+    out = {}
+    for i, c in enumerate(cache.layers):
+        if isinstance(c, AttnState):
+            out[f"k.{i}"] = _own(c.inner.keys[..., start:end, :])
+            out[f"v.{i}"] = _own(c.inner.values[..., start:end, :])
+        else:
+            out[f"conv.{i}"], out[f"state.{i}"] = _own(c.inner[0]), _own(c.inner[1])
+    if head_cache is not None and head_cache.keys is not None:
+        a = max(start - 1, 0)
+        out["head.k"] = _own(head_cache.keys[..., a:end - 1, :])
+        out["head.v"] = _own(head_cache.values[..., a:end - 1, :])
+    return out
+
+
+def restore_parts(cache, head_cache, payloads: list[dict], end: int) -> None:
+    """Set one rank's caches to the state after positions 0..end-1 from consecutive block payloads."""
+    for i, c in enumerate(cache.layers):
+        if isinstance(c, AttnState):
+            k = mx.concatenate([p[f"k.{i}"] for p in payloads], axis=2)
+            v = mx.concatenate([p[f"v.{i}"] for p in payloads], axis=2)
+            c.inner.state = (k, v, end)
+        else:
+            c.inner[0], c.inner[1] = payloads[-1][f"conv.{i}"], payloads[-1][f"state.{i}"]
+    cache.length = end
+    parts = [p for p in payloads if "head.k" in p]
+    if head_cache is not None and parts:
+        head_cache.state = (mx.concatenate([p["head.k"] for p in parts], axis=2),
+                            mx.concatenate([p["head.v"] for p in parts], axis=2), end - 1)
+
+
 def payload_nbytes(payload: dict) -> int:
     return sum(a.nbytes for a in payload.values())
 
 
-__all__ = ["MlxSession", "payload_nbytes"]
+__all__ = ["MlxSession", "payload_nbytes", "cache_parts", "restore_parts"]

@@ -28,7 +28,7 @@ from mlx_lm.models import qwen3_5 as q35
 from mlx_lm.models.base import gather_last_axis
 from mlx_lm.models.cache import KVCache
 
-from mtplx.backends.tp_protocol import (HEAD, HEADER, NEW_CACHE, NEW_HEAD_CACHE, PREFILL, PROMPT_LOGITS, STEP, STOP,
+from mtplx.backends.tp_protocol import (EXPORT, HEAD, HEADER, IMPORT, NEW_CACHE, NEW_HEAD_CACHE, PREFILL, PROMPT_LOGITS, STEP, STOP,
                                        CacheHandle, Outbox, apply_side, decode, encode)
 from mtplx.checkpoint.shard import TPError, check_tp
 
@@ -137,6 +137,18 @@ class ParallelModel:
         self.channel.send(PROMPT_LOGITS, ids.tolist())
         return self.local.prompt_logits(ids)
 
+    # -- prefix cache: every rank's slice of a block, stored on rank 0 under "r<rank>/<name>"
+    def export_parts(self, cache, head_cache, start: int, end: int) -> dict:
+        self.channel.send(EXPORT, [cache.id, 0 if head_cache is None else head_cache.id, start, end])
+        return {f"r{r}/{name}": a for r in range(1, self.group.size())
+                for name, a in recv_arrays(self.group, r).items()}
+
+    def import_parts(self, cache, head_cache, payloads: list[dict], end: int) -> None:
+        self.channel.send(IMPORT, [cache.id, 0 if head_cache is None else head_cache.id, end, len(payloads)])
+        for r in range(1, self.group.size()):
+            for p in payloads:
+                send_arrays(self.group, r, {k.split("/", 1)[1]: v for k, v in p.items() if k.startswith(f"r{r}/")})
+
     def new_session(self, max_context: int | None = None, hidden_source: str | None = None, **options):
         from .session import MlxSession
 
@@ -165,6 +177,46 @@ def serve_worker(local, group) -> None:
             mx.eval(*local.head.rows(local, tensor, mx.array(ints[1:], dtype=mx.int32), caches[ints[0]]))
         elif op == PROMPT_LOGITS:
             mx.eval(local.prompt_logits(mx.array(ints, dtype=mx.int32)))
+        elif op in (EXPORT, IMPORT):
+            _prefix(group, op, ints, caches)
+
+
+def _prefix(group, op: int, ints: list[int], caches: dict) -> None:
+    """A prefix-cache block of this rank: sent to rank 0 (EXPORT) or restored from it (IMPORT)."""
+    from .session import cache_parts, restore_parts
+
+    cache, head = caches[ints[0]], caches.get(ints[1]) if ints[1] else None
+    if op == EXPORT:
+        send_arrays(group, 0, cache_parts(cache, head, ints[2], ints[3]))
+    else:
+        restore_parts(cache, head, [recv_arrays(group, 0) for _ in range(ints[3])], ints[2])
+
+
+def send_arrays(group, dst: int, arrays: dict) -> None:
+    """A dict of arrays to rank dst, as one pickled byte buffer (names, dtypes and shapes in it)."""
+    import pickle
+
+    import numpy as np
+
+    mx.eval(*arrays.values())
+    raw = {k: (str(a.dtype), np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)) for k, a in arrays.items()}
+    buf = np.frombuffer(pickle.dumps(raw, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8)
+    mx.eval(mx.distributed.send(mx.array([buf.size], dtype=mx.int64), dst, group=group))
+    mx.eval(mx.distributed.send(mx.array(buf), dst, group=group))
+
+
+def recv_arrays(group, src: int) -> dict:
+    import pickle
+
+    import numpy as np
+
+    n = mx.distributed.recv((1,), mx.int64, src, group=group).item()
+    raw = pickle.loads(np.array(mx.distributed.recv((n,), mx.uint8, src, group=group)).tobytes())
+    out = {}
+    for k, (dtype, a) in raw.items():
+        x = mx.array(a)
+        out[k] = x.view(mx.bfloat16) if dtype == str(mx.bfloat16) else x
+    return out
 
 
 def load_parallel(path, tp: int, **load_kwargs):
