@@ -18,7 +18,6 @@ import itertools
 import torch
 
 from mtplx.backends import RankLost
-
 from mtplx.backends.tp_protocol import (EXPORT, HEAD, IMPORT, NEW_CACHE, NEW_HEAD_CACHE, PREFILL, PROMPT_LOGITS,
                                        STEP, STOP, SYNC, CacheHandle, apply_side)
 
