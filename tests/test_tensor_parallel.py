@@ -392,3 +392,36 @@ def test_under_torchrun(ckpts):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["compare"]["identical_tokens"] is True and len(out["token_ids"]) == 12
+
+
+_FOUR_RANKS = """
+import json, sys, torch
+import mtplx
+from mtplx.decoding.params import SamplingParams
+path = sys.argv[1]
+torch.set_num_threads(1)
+single = mtplx.load(path, backend="torch", dtype="float32")
+par = mtplx.load(path, backend="torch", dtype="float32", tp=4, tp_threads=1)
+ids = list(range(5, 28))
+s1, s4 = single.new_session(), par.new_session()
+s1.prefill(ids); s4.prefill(ids)
+rel = float((s1._last_logits - s4._last_logits).abs().max() / s1._last_logits.abs().max())
+p = SamplingParams(max_tokens=6, ignore_eos=True)
+d0 = mtplx.generate(par, ids, p, depth=0).token_ids
+print(json.dumps({"rel": rel, "same": mtplx.generate(par, ids, p, depth=3).token_ids == d0}))
+par.model.close()
+"""
+
+
+def test_four_ranks_replicate_kv_heads(tmp_path):
+    """4 ranks on a model with 2 KV heads: each KV head replicated on 2 ranks (own process: one TP
+    model per process, and the module's 2-rank model may still be alive)."""
+    import json
+
+    ck = write_synthetic_checkpoint(tmp_path / "kv2", preset_config("qwen3.5-0.8b", **_two_layers(tie_word_embeddings=False)),
+                                    tokenizer=True, seed=6)
+    proc = subprocess.run([sys.executable, "-c", _FOUR_RANKS, str(ck.path)], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["rel"] < 1e-4 and r["same"], r
