@@ -24,8 +24,8 @@ def add_torch_args(p: argparse.ArgumentParser) -> None:
 
 def add_tp_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=None, metavar="N",
-                   help="torch: tensor parallel over N processes (gloo on CPU, NCCL on N GPUs), spawned here "
-                        "or, under torchrun, the launched ranks (docs/tensor-parallel.md)")
+                   help="tensor parallel over N processes: torch (gloo on CPU, NCCL on N GPUs; spawned here, or "
+                        "torchrun's ranks) or MLX (under mlx.launch) (docs/tensor-parallel.md)")
 
 
 def load_options(args: argparse.Namespace) -> dict:

@@ -32,7 +32,7 @@ def attach(model, tp: TensorParallel) -> None:
         layer.tp = tp
 
 
-_LOST = ("Connection closed", "Connection reset", "Broken pipe", "NCCL error")  # a peer went away
+LOST = ("Connection closed", "Connection reset", "Broken pipe", "NCCL error")  # a peer went away
 
 
 class ParallelHead:
@@ -93,7 +93,7 @@ class ParallelModel:
             self.channel.send(op, ints, tensor)
             return forward()
         except BaseException as e:
-            lost = isinstance(e, RuntimeError) and any(w in str(e) for w in _LOST)
+            lost = isinstance(e, RuntimeError) and any(w in str(e) for w in LOST)
             self.__dict__["broken"] = "a rank exited" if lost else type(e).__name__
             if lost:
                 who = self.workers.exited(wait_s=1.0) if self.workers is not None else None

@@ -27,7 +27,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from .tp import ParallelModel, attach, serve_worker
+from mtplx.backends import BackendUnavailable
+
+from .tp import LOST, ParallelModel, attach, serve_worker
 from .tp_comm import TensorParallel
 
 ENV_SPEC = "MTPLX_TP_SPEC"
@@ -40,13 +42,13 @@ def _backend_for(device: str) -> str:
     kind = torch.device(device).type
     if kind == "cuda":
         if not dist.is_nccl_available():
-            raise RuntimeError("tensor parallel on CUDA needs NCCL, and this torch build has none "
-                               "(torch.distributed.is_nccl_available() is False)")
+            raise BackendUnavailable("tensor parallel on CUDA needs NCCL, and this torch build has none "
+                                     "(torch.distributed.is_nccl_available() is False)")
         return "nccl"
     if kind != "cpu":
         raise ValueError(f"tensor parallel runs on cpu (gloo) or cuda (NCCL) devices, got {device!r}")
     if not dist.is_gloo_available():
-        raise RuntimeError("tensor parallel on CPU needs gloo, and this torch build has none")
+        raise BackendUnavailable("tensor parallel on CPU needs gloo, and this torch build has none")
     return "gloo"
 
 
@@ -208,7 +210,7 @@ def _worker_main(spec: dict, rank: int) -> int:
     try:
         _start_rank(spec, rank, int(os.environ.get("LOCAL_RANK", rank)))
     except RuntimeError as e:
-        if any(w in str(e) for w in ("Connection closed", "Connection reset", "Broken pipe")):
+        if any(w in str(e) for w in LOST):
             sys.stderr.write(f"mtplx: tensor-parallel rank {rank}: rank 0 went away; exiting\n")
             return 1
         raise
