@@ -19,7 +19,7 @@ import torch
 from mtplx.decoding.batch import BatchRunner, DepthPolicy
 from mtplx.decoding.loop import Generation, generate_steps
 from mtplx.decoding.params import SamplingParams
-from test_torch_common import our_model
+from test_torch_common import fused_available, our_model
 
 torch.set_num_threads(1)
 
@@ -29,10 +29,14 @@ def _fill(m, n, seed):
     return [r.randrange(m.cfg.vocab_size) for _ in range(n)]
 
 
-@pytest.mark.parametrize("kind,dtype", [("dense", torch.float32), ("moe", torch.float32), ("moe", torch.bfloat16),
-                                        ("next", torch.float32), ("dense", torch.bfloat16)])
-def test_step_many_rows_equal_each_sequence_alone(kind, dtype):
-    m = our_model(kind, dtype)
+@pytest.mark.parametrize("kind,dtype,kernel", [
+    ("dense", torch.float32, "torch"), ("moe", torch.float32, "torch"), ("moe", torch.bfloat16, "torch"),
+    ("next", torch.float32, "torch"), ("dense", torch.bfloat16, "torch"),
+    ("moe", torch.float32, "fused"), ("next", torch.bfloat16, "fused"), ("dense", torch.float32, "fused")])
+def test_step_many_rows_equal_each_sequence_alone(kind, dtype, kernel):
+    if kernel == "fused" and not fused_available():
+        pytest.skip("no compiled step kernel on this CPU / without a compiler")
+    m = our_model(kind, dtype, kernel=kernel)
     prompts = [_fill(m, n, i) for i, n in enumerate((5, 62, 63, 9, 130, 5))]
     feeds = [_fill(m, t, 100 + i) for i, t in enumerate((1, 4, 3, 1, 2, 4))]
     solo, batched = [], []
@@ -109,9 +113,11 @@ def test_runner_with_a_grammar_equals_alone():
     assert [out[i] for i in range(4)] == alone
 
 
-@pytest.mark.parametrize("kind", ["moe", "dense"])
-def test_runner_outputs_equal_each_request_alone(kind):
-    m = our_model(kind, torch.float32)
+@pytest.mark.parametrize("kind,kernel", [("moe", "torch"), ("dense", "torch"), ("moe", "fused")])
+def test_runner_outputs_equal_each_request_alone(kind, kernel):
+    if kernel == "fused" and not fused_available():
+        pytest.skip("no compiled step kernel on this CPU / without a compiler")
+    m = our_model(kind, torch.float32, kernel=kernel)
     block = 8  # prompts of 3..40 tokens: prefills of up to 5 blocks, interleaved with cycles
     reqs = _requests(m, 9, seed=1)
     alone = [_alone(m, q, block) for q in reqs]

@@ -17,7 +17,7 @@ import torch
 from mtplx.decoding.loop import generate_steps
 from mtplx.decoding.params import SamplingParams
 from mtplx.prefix import ForeignCacheError, PrefixCache, chain_keys, make_prefix_cache
-from test_torch_common import our_model
+from test_torch_common import fused_available, our_model
 
 torch.set_num_threads(1)
 
@@ -115,10 +115,13 @@ def _prompts(V: int, block: int, seed: int = 0) -> list[list[int]]:
     ]
 
 
-@pytest.mark.parametrize("kind,dtype", [("dense", torch.float32), ("moe", torch.float32),
-                                        ("moe", torch.bfloat16), ("next", torch.float32)])
-def test_cache_on_equals_cache_off(kind, dtype):
-    m = our_model(kind, dtype)
+@pytest.mark.parametrize("kind,dtype,kernel", [
+    ("dense", torch.float32, "torch"), ("moe", torch.float32, "torch"), ("moe", torch.bfloat16, "torch"),
+    ("next", torch.float32, "torch"), ("moe", torch.float32, "fused"), ("next", torch.bfloat16, "fused")])
+def test_cache_on_equals_cache_off(kind, dtype, kernel):
+    if kernel == "fused" and not fused_available():
+        pytest.skip("no compiled step kernel on this CPU / without a compiler")
+    m = our_model(kind, dtype, kernel=kernel)
     V = m.cfg.vocab_size
     for block in (7, 32):
         prompts = _prompts(V, block)

@@ -48,6 +48,13 @@ def our_model(kind: str, dtype=torch.float32, seed: int = 0, router_near_ties: f
     return load_torch_model(ck.path, dtype=dtype, progress=False, kernel=kernel)
 
 
+def fused_available() -> bool:
+    """The compiled whole-step kernel (fused.py; the default where the CPU has AVX-512 or AVX2)."""
+    from mtplx.backends.torch.kernels import get_fused
+
+    return rowmm_available() and hasattr(get_fused(), "Step")
+
+
 def rowmm_available() -> bool:
     """The compiled kernel (the default exact-path kernel where the CPU has AVX-512 or AVX2: built
     on first use, so the suite builds it once per machine)."""

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mtplx.decoding.params import SamplingParams
-from test_torch_common import our_model, prompt, rowmm_available
+from test_torch_common import checkpoint, fused_available, our_model, prompt, rowmm_available
 
 torch.set_num_threads(1)
 GREEDY = SamplingParams()
@@ -38,14 +38,19 @@ CASES = [("dense", None), ("moe", None), ("moe", 0.0), ("moe", 1e-7), ("next", N
 def need_kernel(kernel):
     if kernel == "rowmm" and not rowmm_available():
         pytest.skip("no fixed-order kernel on this CPU / without a compiler")
+    if kernel == "fused" and not fused_available():
+        pytest.skip("no compiled step kernel on this CPU / without a compiler")
 
 
 ROWMM_CASES = [("dense", None, torch.bfloat16), ("moe", 0.0, torch.float32)]
+FUSED_CASES = [("dense", None, torch.float32), ("dense", None, torch.bfloat16), ("moe", 0.0, torch.float32),
+               ("moe", 1e-7, torch.bfloat16), ("next", None, torch.float32), ("next", None, torch.bfloat16)]
 
 
 @pytest.mark.parametrize("kind,ties,dtype,kernel",
                          [(k, t, d, "torch") for k, t in CASES for d in (torch.float32, torch.bfloat16)]
-                         + [(k, t, d, "rowmm") for k, t, d in ROWMM_CASES])
+                         + [(k, t, d, "rowmm") for k, t, d in ROWMM_CASES]
+                         + [(k, t, d, "fused") for k, t, d in FUSED_CASES])
 def test_verify_rows_bit_identical_to_decode(kind, ties, dtype, kernel):
     need_kernel(kernel)
     m = our_model(kind, dtype, router_near_ties=ties, kernel=kernel)
@@ -81,7 +86,8 @@ def test_moe_near_tie_router_picks_same_experts():
 
 @pytest.mark.parametrize("kind,dtype,kernel", [
     ("dense", torch.float32, "torch"), ("dense", torch.bfloat16, "torch"), ("moe", torch.float32, "torch"),
-    ("moe", torch.bfloat16, "torch"), ("dense", torch.float32, "rowmm"), ("moe", torch.bfloat16, "rowmm")])
+    ("moe", torch.bfloat16, "torch"), ("dense", torch.float32, "rowmm"), ("moe", torch.bfloat16, "rowmm"),
+    ("dense", torch.bfloat16, "fused"), ("moe", torch.float32, "fused"), ("next", torch.float32, "fused")])
 def test_rollback_every_n(kind, dtype, kernel):
     need_kernel(kernel)
     m = our_model(kind, dtype, kernel=kernel)
@@ -131,7 +137,8 @@ def generate(m, p, depth, n, drafts=None):
 
 @pytest.mark.parametrize("kind,dtype,kernel", [
     ("dense", torch.float32, "torch"), ("moe", torch.bfloat16, "torch"), ("moe", torch.float32, "rowmm"),
-    ("dense", torch.bfloat16, "rowmm")])
+    ("dense", torch.bfloat16, "rowmm"), ("moe", torch.float32, "fused"), ("moe", torch.bfloat16, "fused"),
+    ("dense", torch.float32, "fused"), ("next", torch.bfloat16, "fused")])
 def test_greedy_mtp_equals_depth0(kind, dtype, kernel):
     need_kernel(kernel)
     m = our_model(kind, dtype, kernel=kernel)
@@ -230,28 +237,60 @@ def test_rowmm_kernel_matches_linear_and_is_row_and_thread_invariant(dt):
 
 
 @pytest.mark.parametrize("kind", ["dense", "moe", "next"])
-def test_fused_kernel_path_matches_torch_path_and_verify_equals_decode(kind):
-    """The compiled exact path (fixed-order matmuls, the fused GatedDeltaNet step, norms and dense
-    MoE activations) computes the
-    same function as the pure-torch one (fp32 logits within 1e-4) and keeps a 6-row verify equal
-    to six one-token decodes, bit for bit."""
-    if not rowmm_available():
+def test_compiled_kernels_match_torch_path_and_verify_equals_decode(kind):
+    """Both compiled exact paths, "rowmm" (fixed-order matmuls and fused ops, op by op) and
+    "fused" (the whole step in one call, sparse MoE), compute the same function as the pure-torch
+    one (fp32 logits within 1e-4), and each keeps a 6-row verify equal to six one-token decodes,
+    bit for bit."""
+    if not fused_available():
         pytest.skip("no fixed-order kernel on this CPU / without a compiler")
-    from mtplx.backends.torch.kernels import get_fused
-
-    assert get_fused() is not None
     p, toks = prompt(20, seed=3), prompt(6, seed=4)
     got = {}
-    for kernel in ("torch", "rowmm"):
+    for kernel in ("torch", "rowmm", "fused"):
         m = our_model(kind, torch.float32, kernel=kernel)
         s = m.new_session()
         s.prefill(p)
         s.last = toks[0]
         got[kernel] = s.verify(toks[1:])
-    ref, _ = decode_chain(our_model(kind, torch.float32, kernel="rowmm"), p, toks)
-    for i in range(6):
-        assert torch.equal(got["rowmm"][i], ref[i]), (kind, i)
-    assert torch.allclose(got["rowmm"], got["torch"], atol=1e-4, rtol=1e-4), (got["rowmm"] - got["torch"]).abs().max()
+    for kernel in ("rowmm", "fused"):
+        ref, _ = decode_chain(our_model(kind, torch.float32, kernel=kernel), p, toks)
+        for i in range(6):
+            assert torch.equal(got[kernel][i], ref[i]), (kind, kernel, i)
+        err = (got[kernel] - got["torch"]).abs().max()
+        assert torch.allclose(got[kernel], got["torch"], atol=1e-4, rtol=1e-4), (kernel, err)
+
+
+def test_fused_kernel_choice_and_fallbacks():
+    """auto picks the fused step on a plain CPU model; a model it cannot run (int8 weights, tensor
+    parallel) gets rowmm from auto and a clear error when asked for fused by name."""
+    if not fused_available():
+        pytest.skip("no compiled step kernel on this CPU / without a compiler")
+    from mtplx.backends.torch import tp
+    from mtplx.backends.torch.loader import load_torch_model
+
+    path = checkpoint("dense").path  # fresh models: our_model's are shared between tests
+    assert load_torch_model(path, dtype=torch.float32, progress=False, kernel="auto").kernel == "fused"
+    q = load_torch_model(path, dtype=torch.float32, progress=False, quantize="int8", kernel="auto")
+    assert q.kernel == "rowmm"
+    with pytest.raises(RuntimeError, match="fused kernel cannot run this model: .* quantized"):
+        q.set_kernel("fused")
+    m = load_torch_model(path, dtype=torch.float32, progress=False, kernel="fused")
+    tp.attach(m, object())  # a shard model sums its blocks over ranks: op by op
+    assert m.kernel == "rowmm"
+
+
+def test_fused_step_thread_invariant(monkeypatch):
+    """The fused step split across threads (every matmul's columns, here even the tiny ones) gives
+    the bits of one thread: set_batch_threads measures it and turns on."""
+    if not fused_available():
+        pytest.skip("no compiled step kernel on this CPU / without a compiler")
+    from mtplx.backends.torch import kernels
+    from mtplx.backends.torch.model import check_thread_invariance
+
+    monkeypatch.setattr(kernels, "PAR_MIN_BYTES", 1)
+    for kind in ("moe", "next"):
+        m = our_model(kind, torch.float32, kernel="fused")
+        assert check_thread_invariance(m, 2) == [], kind
 
 
 def test_rowmm_bf16_dot_path_row_and_thread_invariant():

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from mtplx.cli.options import add_drafting_args, add_torch_args, load_options
+from mtplx.cli.options import add_drafting_args, add_torch_args, load_options, settle_heap
 
 HELP = "measure MTP speedup over plain decoding (interleaved runs, one table)"
 
@@ -84,6 +84,7 @@ def prepare(args):
         from mtplx.backends.torch.loader import apply_default_threads
 
         apply_default_threads(model.model)
+    settle_heap()
     return model, params, load_prompts(args)
 
 

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from mtplx.cli.options import add_drafting_args, add_torch_args, load_options
+from mtplx.cli.options import add_drafting_args, add_torch_args, load_options, settle_heap
 
 HELP = "generate text with MTP speculative decoding (or plain decoding with --depth 0)"
 
@@ -85,6 +85,7 @@ def run(args) -> int:
         from mtplx.backends.torch.loader import apply_default_threads
 
         apply_default_threads(model.model)
+    settle_heap()
     if args.cache_dir:
         from mtplx.prefix import default_cache_gb
 

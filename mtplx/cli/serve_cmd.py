@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from mtplx.cli.options import add_drafting_args, add_torch_args, load_options
+from mtplx.cli.options import add_drafting_args, add_torch_args, load_options, settle_heap
 
 HELP = "serve a model over an OpenAI- and Anthropic-compatible HTTP API"
 
@@ -155,6 +155,7 @@ def run(args) -> int:
     except Exception as e:  # a clear message, no trace, for a model that cannot be loaded
         print(f"error: cannot load model {args.model or '(default)'}: {e}", file=sys.stderr)
         return 1
+    settle_heap()
     app = create_app(adapter, depth=depth, max_queue=args.max_queue, parallel=args.max_batch,
                      api_key=args.api_key, max_body=int(args.max_body_mb * 1024 * 1024),
                      max_tokens_cap=args.max_tokens, model_id=names or None,

@@ -63,27 +63,31 @@ class GdnCache:
         self.state = torch.zeros(nv, dk, dv, dtype=torch.float32, device=device)  # [nv, dk, dv]
         self._rows: torch.Tensor | None = None  # [T, C] pre-conv rows fed by the last step
         self._states: list[torch.Tensor] = []  # S after each of those T positions
+        self._convs: torch.Tensor | None = None  # or the conv window after each, [T, K-1, C]
 
-    def record(self, rows: torch.Tensor, states: list[torch.Tensor]) -> None:
-        self._rows, self._states = rows, states
+    def record(self, rows: torch.Tensor | None, states, convs: torch.Tensor | None = None) -> None:
+        """The last step's pre-conv rows (or, from the fused kernel, its conv windows) and states."""
+        self._rows, self._states, self._convs = rows, states, convs
 
     def ensure_len(self, n: int) -> None:
         pass
 
     def keep(self, m: int) -> None:
         """Keep the first m positions of the last step (0 <= m <= T); drop the rest."""
-        if self._rows is None:
+        if self._rows is None and self._convs is None:
             if m:
                 raise RuntimeError("GdnCache.keep: nothing was recorded")
             return
         if m > 0:
             K1 = self.conv.shape[0]
-            if m >= K1:  # the kept rows alone fill the conv window
+            if self._convs is not None:
+                self.conv = self._convs[m - 1]
+            elif m >= K1:  # the kept rows alone fill the conv window
                 self.conv = self._rows[m - K1:m].to(self.conv.dtype).clone()
             else:
                 self.conv = torch.cat([self.conv, self._rows[:m].to(self.conv.dtype)])[-K1:].clone()
             self.state = self._states[m - 1]
-        self._rows, self._states = None, []
+        self._rows, self._states, self._convs = None, [], None
 
 
 class ModelCache:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from mtplx.checkpoint.config import FULL_ATTENTION, ModelConfig
 
-from . import kernels
+from . import fused, kernels
 
 # ---- numerics -------------------------------------------------------------------------------
 
@@ -159,7 +159,7 @@ PLAIN = Ops(plain_linear, plain_ew)
 FEW_ROWS = Ops(plain_linear, plain_ew)
 EXACT = Ops(exact_linear, exact_ew)  # pure torch: row padding (ROW_GROUP)
 EXACT_ROWMM = Ops(rowmm_linear, exact_ew, compiled=True)  # compiled fixed-order kernels
-KERNELS = {"torch": EXACT, "rowmm": EXACT_ROWMM}
+KERNELS = {"torch": EXACT, "rowmm": EXACT_ROWMM, "fused": EXACT_ROWMM}  # fused: the whole step in C++ (fused.py)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -827,7 +827,7 @@ class Qwen35Model(nn.Module):
         self.rope = Rope(cfg)
         self.mtp = None  # MtpHead, attached by the loader when the checkpoint has one
         self.mtp_hidden = "post"  # which target hidden feeds the head: "post" | "pre" final norm
-        self.kernel = "torch"  # exact-path linears: "torch" (row padding) | "rowmm" (compiled)
+        self.kernel = "torch"  # exact path: "torch" (row padding) | "rowmm" (compiled ops) | "fused" (compiled step)
         self.batch_threads = None  # torch threads of a batched verify (set_batch_threads), None: as decode
         self.prefill_threads = None  # torch threads of prefill blocks, None: as decode (loader.apply_default_threads)
         self.tp = None  # tensor parallel (tp_comm.TensorParallel): this model is one rank's shard
@@ -900,6 +900,8 @@ class Qwen35Model(nn.Module):
         for T, cache in zip(lengths, caches):
             cache.ensure(cache.length + T)
             spans.append((cache.length, T))
+        if self.kernel == "fused":
+            return fused.target_step(self, ids, spans, caches)
         ops = KERNELS[self.kernel]
         x = F.embedding(ids, self.embed)
         for i, layer in enumerate(self.layers):
@@ -908,17 +910,27 @@ class Qwen35Model(nn.Module):
         return post, x, self.logits(post, ops.lin)
 
     def set_kernel(self, kernel: str) -> str:
-        """Choose the exact-path linear kernel: "torch", "rowmm" or "auto" (rowmm on a CPU model
-        when this CPU has AVX-512 or AVX2 and the kernel builds; else torch).
-        Set it before creating sessions; a session must not change kernels mid-sequence.
-        Returns the kernel in use."""
+        """Choose the exact-path kernel: "torch" (pure torch, row padding), "rowmm" (compiled
+        fixed-order matmuls and fused ops, orchestrated from Python), "fused" (the whole step in
+        one compiled call, fused.py) or "auto" (fused where the model allows it, else rowmm, on a
+        CPU with AVX-512 or AVX2 where the kernel builds; else torch). Set it before creating
+        sessions: the kernels give different bits, so a session must not change kernels
+        mid-sequence. Returns the kernel in use."""
         if kernel == "auto":
-            kernel = "rowmm" if (self.device.type == "cpu" and kernels.get_rowmm() is not None) else "torch"
+            if self.device.type != "cpu" or kernels.get_rowmm() is None:
+                kernel = "torch"
+            else:
+                kernel = "fused" if fused.unsupported(self) is None else "rowmm"
         if kernel not in KERNELS:
-            raise ValueError(f"kernel must be 'torch', 'rowmm' or 'auto', got {kernel!r}")
-        if kernel == "rowmm" and (self.device.type != "cpu" or kernels.get_rowmm() is None):
-            raise RuntimeError(f"the rowmm kernel is unavailable: {kernels.kernel_error() or 'not a CPU model'}")
+            raise ValueError(f"kernel must be 'torch', 'rowmm', 'fused' or 'auto', got {kernel!r}")
+        if kernel in ("rowmm", "fused") and (self.device.type != "cpu" or kernels.get_rowmm() is None):
+            raise RuntimeError(f"the {kernel} kernel is unavailable: {kernels.kernel_error() or 'not a CPU model'}")
+        if kernel == "fused" and fused.unsupported(self) is not None:
+            raise RuntimeError(f"the fused kernel cannot run this model: {fused.unsupported(self)} (use --kernel rowmm)")
         self.kernel = kernel
+        fused.reset(self)
+        if self.mtp is not None:
+            fused.reset(self.mtp)
         return kernel
 
     def set_batch_threads(self, threads: int | None) -> int | None:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from mtplx.checkpoint.config import FULL_ATTENTION, ModelConfig
 
+from . import fused
 from .model import EXACT_ROWMM, FEW_ROWS, PLAIN, DecoderLayer, rms_norm
 
 
@@ -89,7 +90,7 @@ class MtpHead(nn.Module):
         """The compiled kernels (model.EXACT_ROWMM) for a few rows when the target uses them, else
         None. Drafting needs speed, not bits: a draft only proposes, verify decides; every kernel
         there is row-invariant anyway, so a session's drafts do not depend on its batch."""
-        if n_rows > FEW_ROWS_MAX or getattr(self.target, "kernel", "torch") != "rowmm" or EXACT_ROWMM.fused is None:
+        if n_rows > FEW_ROWS_MAX or getattr(self.target, "kernel", "torch") == "torch" or EXACT_ROWMM.fused is None:
             return None
         return EXACT_ROWMM
 
@@ -120,6 +121,9 @@ class MtpHead(nn.Module):
         -> (g [T, H] post mtp.norm, u [T, H] pre mtp.norm, logits [T, V]). drafting: logits of the
         last row only ([1, V], the one a draft reads), through the draft lm_head."""
         ops = self._compiled(hidden.shape[0])
+        if ops is not None and self.target.kernel == "fused":
+            T = hidden.shape[0]
+            return fused.head_rows(self, hidden, next_ids, [(pos0, T)], [cache], [T - 1] if drafting else [], drafting)
         if ops is not None:
             u = self.layers[0].step(self._fc_in(hidden, next_ids, ops), self.target.rope, pos0, cache, ops)
             g = ops.norm(u, self.norm, self.eps)
@@ -139,6 +143,8 @@ class MtpHead(nn.Module):
         N = hidden.shape[0]
         last = torch.tensor([sum(T for _, T in spans[:i + 1]) - 1 for i in range(len(spans))], device=hidden.device)
         ops = self._compiled(N)
+        if ops is not None and self.target.kernel == "fused":
+            return fused.head_rows(self, hidden, next_ids, spans, caches, last.tolist(), True)
         if ops is not None:
             u = self.layers[0].step_many(self._fc_in(hidden, next_ids, ops), self.target.rope, spans, caches, ops)
             g = ops.norm(u, self.norm, self.eps)

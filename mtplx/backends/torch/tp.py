@@ -26,6 +26,8 @@ from .tp_comm import Channel, TensorParallel
 
 def attach(model, tp: TensorParallel) -> None:
     """Make a rank's shard model sum its blocks over the ranks and gather its logits."""
+    if model.kernel == "fused":  # the fused step has no collectives: the same kernels, op by op
+        model.set_kernel("rowmm")
     model.tp = tp
     layers = list(model.layers) + (list(model.mtp.layers) if model.mtp is not None else [])
     for layer in layers:

@@ -1,0 +1,452 @@
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(MTPLX_AVX512)
+typedef __m512 V;
+#define LANES 16
+#define NB4 4   // columns per tile when 4 rows share it (16 accumulators of 32 registers)
+#define NB3 4
+static inline V vzero() { return _mm512_setzero_ps(); }
+static inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+static inline V ldx(const float* p) { return _mm512_loadu_ps(p); }
+static inline V ldw(const float* p) { return _mm512_loadu_ps(p); }
+static inline V ldw(const at::BFloat16* p) {
+  __m512i i = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(i, 16));
+}
+static inline V ldw(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+static inline V ldw(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
+static inline __m256 fold(V v) { return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)); }
+#else
+typedef __m256 V;
+#define LANES 8
+#define NB4 2   // 8 accumulators of 16 registers
+#define NB3 2
+static inline V vzero() { return _mm256_setzero_ps(); }
+static inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+static inline V ldx(const float* p) { return _mm256_loadu_ps(p); }
+static inline V ldw(const float* p) { return _mm256_loadu_ps(p); }
+static inline V ldw(const at::BFloat16* p) {
+  __m256i i = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(i, 16));
+}
+static inline V ldw(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+static inline V ldw(const int8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))); }
+static inline __m256 fold(V v) { return v; }
+#endif
+
+static inline float hsum(V v) {
+  __m256 h = fold(v);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// NB columns x R rows. x rows are zero-padded to Kp (a multiple of LANES); a weight row's
+// last partial chunk is copied into a zeroed buffer. acc[j][r] is the whole dot product.
+template <typename W, int NB, int R>
+static inline void tile(const float* x, int64_t Kp, int64_t K, const W* w, float* y, int64_t ldy, const float* scale) {
+  V acc[NB][R];
+  for (int j = 0; j < NB; j++) for (int r = 0; r < R; r++) acc[j][r] = vzero();
+  const int64_t Km = K - K % LANES;
+  for (int64_t k = 0; k < Km; k += LANES) {
+    V xv[R];
+    for (int r = 0; r < R; r++) xv[r] = ldx(x + r * Kp + k);
+    for (int j = 0; j < NB; j++) {
+      V wv = ldw(w + j * K + k);
+      for (int r = 0; r < R; r++) acc[j][r] = vfma(wv, xv[r], acc[j][r]);
+    }
+  }
+  if (Km < K) {
+    V xv[R];
+    for (int r = 0; r < R; r++) xv[r] = ldx(x + r * Kp + Km);
+    for (int j = 0; j < NB; j++) {
+      alignas(64) unsigned char buf[LANES * sizeof(W)] = {0};
+      std::memcpy(buf, w + j * K + Km, (K - Km) * sizeof(W));
+      V wv = ldw(reinterpret_cast<const W*>(buf));
+      for (int r = 0; r < R; r++) acc[j][r] = vfma(wv, xv[r], acc[j][r]);
+    }
+  }
+  for (int j = 0; j < NB; j++)
+    for (int r = 0; r < R; r++) {
+      float s = hsum(acc[j][r]);
+      y[r * ldy + j] = scale ? s * scale[j] : s;
+    }
+}
+
+// nc (<= 8) columns starting at w / y for R rows: tiles of NB columns, then single columns.
+template <typename W, int NB, int R>
+static inline void cols(const float* x, int64_t Kp, int64_t K, const W* w, float* y, int64_t ldy,
+                        const float* scale, int64_t nc) {
+  int64_t j = 0;
+  for (; j + NB <= nc; j += NB) tile<W, NB, R>(x, Kp, K, w + j * K, y + j, ldy, scale ? scale + j : nullptr);
+  for (; j < nc; j++) tile<W, 1, R>(x, Kp, K, w + j * K, y + j, ldy, scale ? scale + j : nullptr);
+}
+
+#ifndef PF_BLOCKS
+#define PF_BLOCKS 2
+#endif
+
+// Columns [c0, c1) for all M rows, 8 columns at a time: the 8 weight rows stay in cache while
+// every row group passes over them.
+template <typename W>
+static void run_cols(const float* x, int64_t M, int64_t Kp, int64_t K, const W* w, float* y, int64_t N,
+                     const float* scale, int64_t c0, int64_t c1) {
+  const int64_t block = 8 * K * (int64_t)sizeof(W);
+  const char* end = (const char*)(w + c1 * K);
+  for (int64_t c = c0; c < c1; c += 8) {
+    const int64_t nc = std::min<int64_t>(8, c1 - c);
+    const W* wc = w + c * K;
+    const float* sc = scale ? scale + c : nullptr;
+    // a short row (K of a few hundred) is too short a stream for the hardware prefetcher to pick
+    // up: ask for the block PF_BLOCKS ahead while this one is computed (decode is memory-bound)
+    const char* pf = (const char*)wc + PF_BLOCKS * block;
+    for (int64_t o = 0; o < block && pf + o < end; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
+    int64_t r = 0;
+    for (; r + 4 <= M; r += 4) cols<W, NB4, 4>(x + r * Kp, Kp, K, wc, y + r * N + c, N, sc, nc);
+    const int64_t left = M - r;
+    if (left == 3) cols<W, NB3, 3>(x + r * Kp, Kp, K, wc, y + r * N + c, N, sc, nc);
+    else if (left == 2) cols<W, 4, 2>(x + r * Kp, Kp, K, wc, y + r * N + c, N, sc, nc);
+    else if (left == 1) cols<W, 8, 1>(x + r * Kp, Kp, K, wc, y + r * N + c, N, sc, nc);
+  }
+}
+
+template <typename W>
+static void run(const float* x, int64_t M, int64_t Kp, int64_t K, const W* w, float* y, int64_t N,
+                const float* scale, int64_t par_bytes) {
+  const int64_t blocks = (N + 7) / 8;
+  const int64_t block_bytes = 8 * K * (int64_t)sizeof(W);
+  const int64_t grain = std::max<int64_t>(1, par_bytes / std::max<int64_t>(block_bytes, 1));
+  if (blocks <= grain || at::get_num_threads() == 1) {
+    run_cols<W>(x, M, Kp, K, w, y, N, scale, 0, N);
+    return;
+  }
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    run_cols<W>(x, M, Kp, K, w, y, N, scale, b0 * 8, std::min<int64_t>(N, b1 * 8));
+  });
+}
+
+torch::Tensor rowmm(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t par_bytes) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "rowmm: x must be fp32 [M, K]");
+  TORCH_CHECK(w.is_contiguous() && w.dim() == 2 && w.size(1) == x.size(1), "rowmm: w must be contiguous [N, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const int64_t Kp = (K + LANES - 1) / LANES * LANES;
+  torch::Tensor xp = x.contiguous();
+  if (Kp != K) xp = torch::constant_pad_nd(xp, {0, Kp - K}, 0.0);
+  auto y = torch::empty({M, N}, x.options());
+  const float* sc = nullptr;
+  if (scale.numel()) {
+    TORCH_CHECK(scale.dtype() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == N, "rowmm: scale must be fp32 [N]");
+    sc = scale.data_ptr<float>();
+  }
+  const float* xd = xp.data_ptr<float>();
+  float* yd = y.data_ptr<float>();
+  if (w.dtype() == torch::kFloat32) run<float>(xd, M, Kp, K, w.data_ptr<float>(), yd, N, sc, par_bytes);
+  else if (w.dtype() == torch::kBFloat16) run<at::BFloat16>(xd, M, Kp, K, w.data_ptr<at::BFloat16>(), yd, N, sc, par_bytes);
+  else if (w.dtype() == torch::kFloat16) run<at::Half>(xd, M, Kp, K, w.data_ptr<at::Half>(), yd, N, sc, par_bytes);
+  else if (w.dtype() == torch::kInt8) run<int8_t>(xd, M, Kp, K, w.data_ptr<int8_t>(), yd, N, sc, par_bytes);
+  else TORCH_CHECK(false, "rowmm: unsupported weight dtype");
+  return y;
+}
+
+// ---- bf16 activations x bf16 weights with AVX512-BF16 dot products (bf16 models) ----
+// Each output: one fixed sequence of vdpbf16ps over K in chunks of 32 (pairs of exact bf16
+// products added to the fp32 lane in a fixed order), a zero-padded last chunk, then the same
+// horizontal sum: as row-invariant as rowmm, with a third of its instructions per weight.
+#if defined(MTPLX_AVX512BF16)
+template <int NB, int R>
+static inline void tile_dot(const at::BFloat16* x, int64_t Kp, int64_t K, const at::BFloat16* w, float* y, int64_t ldy) {
+  __m512 acc[NB][R];
+  for (int j = 0; j < NB; j++) for (int r = 0; r < R; r++) acc[j][r] = _mm512_setzero_ps();
+  const int64_t Km = K - K % 32;
+  for (int64_t k = 0; k < Km; k += 32) {
+    __m512bh xv[R];
+    for (int r = 0; r < R; r++) xv[r] = (__m512bh)_mm512_loadu_si512((const void*)(x + r * Kp + k));
+    for (int j = 0; j < NB; j++) {
+      __m512bh wv = (__m512bh)_mm512_loadu_si512((const void*)(w + j * K + k));
+      for (int r = 0; r < R; r++) acc[j][r] = _mm512_dpbf16_ps(acc[j][r], wv, xv[r]);
+    }
+  }
+  if (Km < K) {
+    __m512bh xv[R];
+    for (int r = 0; r < R; r++) xv[r] = (__m512bh)_mm512_loadu_si512((const void*)(x + r * Kp + Km));
+    for (int j = 0; j < NB; j++) {
+      alignas(64) uint16_t buf[32] = {0};
+      std::memcpy(buf, w + j * K + Km, (K - Km) * sizeof(uint16_t));
+      __m512bh wv = (__m512bh)_mm512_loadu_si512((const void*)buf);
+      for (int r = 0; r < R; r++) acc[j][r] = _mm512_dpbf16_ps(acc[j][r], wv, xv[r]);
+    }
+  }
+  for (int j = 0; j < NB; j++) for (int r = 0; r < R; r++) y[r * ldy + j] = hsum(acc[j][r]);
+}
+
+template <int NB, int R>
+static inline void cols_dot(const at::BFloat16* x, int64_t Kp, int64_t K, const at::BFloat16* w, float* y,
+                            int64_t ldy, int64_t nc) {
+  int64_t j = 0;
+  for (; j + NB <= nc; j += NB) tile_dot<NB, R>(x, Kp, K, w + j * K, y + j, ldy);
+  for (; j < nc; j++) tile_dot<1, R>(x, Kp, K, w + j * K, y + j, ldy);
+}
+
+static void run_cols_dot(const at::BFloat16* x, int64_t M, int64_t Kp, int64_t K, const at::BFloat16* w, float* y,
+                         int64_t N, int64_t c0, int64_t c1) {
+  for (int64_t c = c0; c < c1; c += 8) {
+    const int64_t nc = std::min<int64_t>(8, c1 - c);
+    const at::BFloat16* wc = w + c * K;
+    int64_t r = 0;
+    for (; r + 4 <= M; r += 4) cols_dot<4, 4>(x + r * Kp, Kp, K, wc, y + r * N + c, N, nc);
+    const int64_t left = M - r;
+    if (left == 3) cols_dot<4, 3>(x + r * Kp, Kp, K, wc, y + r * N + c, N, nc);
+    else if (left == 2) cols_dot<4, 2>(x + r * Kp, Kp, K, wc, y + r * N + c, N, nc);
+    else if (left == 1) cols_dot<8, 1>(x + r * Kp, Kp, K, wc, y + r * N + c, N, nc);
+  }
+}
+
+// x [M, Kp] bf16 (zero-padded to Kp = K rounded up to 32) -> y [M, N] fp32, columns split across threads
+static void run_dot(const at::BFloat16* xd, int64_t M, int64_t Kp, int64_t K, const at::BFloat16* wd, float* yd,
+                    int64_t N, int64_t par_bytes) {
+  const int64_t blocks = (N + 7) / 8, grain = std::max<int64_t>(1, par_bytes / std::max<int64_t>(8 * K * 2, 1));
+  if (blocks <= grain || at::get_num_threads() == 1) run_cols_dot(xd, M, Kp, K, wd, yd, N, 0, N);
+  else at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    run_cols_dot(xd, M, Kp, K, wd, yd, N, b0 * 8, std::min<int64_t>(N, b1 * 8));
+  });
+}
+
+torch::Tensor rowmm_bf16(torch::Tensor x, torch::Tensor w, int64_t par_bytes) {
+  TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2, "rowmm_bf16: x must be bf16 [M, K]");
+  TORCH_CHECK(w.dtype() == torch::kBFloat16 && w.is_contiguous() && w.size(1) == x.size(1), "rowmm_bf16: w bf16 [N, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), Kp = (K + 31) / 32 * 32;
+  torch::Tensor xp = x.contiguous();
+  if (Kp != K) xp = torch::constant_pad_nd(xp, {0, Kp - K}, 0.0);
+  auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
+  run_dot(xp.data_ptr<at::BFloat16>(), M, Kp, K, w.data_ptr<at::BFloat16>(), y.data_ptr<float>(), N, par_bytes);
+  return y;
+}
+#endif
+
+// ---- the GatedDeltaNet step between its two projections, fused (decode / verify, one sequence) ----
+// Per position t, in this fixed order: depthwise causal conv (K taps, oldest first) + SiLU; q / k
+// L2-normalised per key head (q scaled by dk^-0.5); per value head: beta = sigmoid(b), decay =
+// exp(-exp(A_log) * softplus(a + dt_bias)); S = decay * S; delta = (v - k S) * beta; S += k^T delta;
+// o = q S; then o * rsqrt(mean(o^2) + eps) * gnorm * silu(z). Plain loops: sums run in index
+// order (no -ffast-math, so no reassociation), so a position's bits never depend on T.
+static inline float silu_f(float x) { return x / (1.0f + std::exp(-x)); }
+static inline float softplus_f(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
+
+// One sequence of T positions. X / Z / Bg / Ag: row t of mixed [C], z [nv*dv], b [nv], a [nv] at
+// X + t * sx (and so on); P: the conv state [K-1, C]; S0: the state before position 0; writes
+// y [T, nv*dv] and the state after every position, states [T, nv, dk, dv].
+struct GdnShape { int64_t C, K1, nk, dk, nv, dv; float eps; };
+static const int64_t GDN_PAR_STATE = 1 << 16;  // state values per thread, at least
+
+static void gdn_seq(const GdnShape& g, int64_t T, const float* X, int64_t sx, const float* Z, int64_t sz,
+                    const float* Bg, int64_t sb, const float* Ag, int64_t sa, const float* P, const float* W,
+                    const float* Al, const float* Dt, const float* S0, const float* G, float* Y, float* St) {
+  const int64_t C = g.C, K1 = g.K1, K = K1 + 1, nk = g.nk, dk = g.dk, nv = g.nv, dv = g.dv;
+  const int64_t r = nv / nk, key_dim = nk * dk;
+  const float qscale = 1.0f / std::sqrt((float)dk);
+  std::vector<float> act(C), qn(key_dim), kn(key_dim);
+  const float* Sprev = S0;
+  for (int64_t t = 0; t < T; t++) {
+    for (int64_t c = 0; c < C; c++) {  // window rows t..t+K-1 of [state; mixed]
+      float acc = 0.0f;
+      for (int64_t j = 0; j < K; j++) {
+        const int64_t row = t + j;
+        const float xv = row < K1 ? P[row * C + c] : X[(row - K1) * sx + c];
+        acc = j == 0 ? xv * W[c * K] : acc + xv * W[c * K + j];
+      }
+      act[c] = silu_f(acc);
+    }
+    for (int64_t h = 0; h < nk; h++) {
+      float sq = 0.0f, sk = 0.0f;
+      for (int64_t i = 0; i < dk; i++) { float q = act[h * dk + i], k = act[key_dim + h * dk + i]; sq += q * q; sk += k * k; }
+      const float rq = 1.0f / std::sqrt(sq + 1e-6f), rk = 1.0f / std::sqrt(sk + 1e-6f);
+      for (int64_t i = 0; i < dk; i++) { qn[h * dk + i] = act[h * dk + i] * rq * qscale; kn[h * dk + i] = act[key_dim + h * dk + i] * rk; }
+    }
+    float* Snow = St + t * nv * dk * dv;
+    auto heads = [&](int64_t h0, int64_t h1) {
+      std::vector<float> ks(dv), o(dv);
+      for (int64_t hv = h0; hv < h1; hv++) {
+        const float* q = &qn[(hv / r) * dk];
+        const float* k = &kn[(hv / r) * dk];
+        const float* v = &act[2 * key_dim + hv * dv];
+        const float beta = 1.0f / (1.0f + std::exp(-Bg[t * sb + hv]));
+        const float decay = std::exp(-std::exp(Al[hv]) * softplus_f(Ag[t * sa + hv] + Dt[hv]));
+        const float* S = Sprev + hv * dk * dv;
+        float* Sn = Snow + hv * dk * dv;
+        for (int64_t i = 0; i < dk * dv; i++) Sn[i] = S[i] * decay;
+        for (int64_t j = 0; j < dv; j++) ks[j] = 0.0f;
+        for (int64_t i = 0; i < dk; i++) for (int64_t j = 0; j < dv; j++) ks[j] += k[i] * Sn[i * dv + j];
+        for (int64_t j = 0; j < dv; j++) ks[j] = (v[j] - ks[j]) * beta;  // delta
+        for (int64_t i = 0; i < dk; i++) for (int64_t j = 0; j < dv; j++) Sn[i * dv + j] += k[i] * ks[j];
+        for (int64_t j = 0; j < dv; j++) o[j] = 0.0f;
+        for (int64_t i = 0; i < dk; i++) for (int64_t j = 0; j < dv; j++) o[j] += q[i] * Sn[i * dv + j];
+        float ms = 0.0f;
+        for (int64_t j = 0; j < dv; j++) ms += o[j] * o[j];
+        const float rn = 1.0f / std::sqrt(ms / (float)dv + g.eps);
+        const float* zr = Z + t * sz + hv * dv;
+        for (int64_t j = 0; j < dv; j++) Y[t * nv * dv + hv * dv + j] = o[j] * rn * G[j] * silu_f(zr[j]);
+      }
+    };
+    // heads are independent: big states (a Qwen3.5 layer's 16 x 128 x 128) split across threads
+    const int64_t grain = std::max<int64_t>(1, GDN_PAR_STATE / std::max<int64_t>(dk * dv, 1));
+    if (nv <= grain || at::get_num_threads() == 1) heads(0, nv);
+    else at::parallel_for(0, nv, grain, heads);
+    Sprev = Snow;
+  }
+}
+
+std::vector<torch::Tensor> gdn_core(torch::Tensor mixed, torch::Tensor b, torch::Tensor a, torch::Tensor z,
+                                    torch::Tensor conv_state, torch::Tensor conv_w, torch::Tensor A_log,
+                                    torch::Tensor dt_bias, torch::Tensor S0, torch::Tensor gnorm,
+                                    int64_t nk, int64_t dk, int64_t dv, double eps_d) {
+  for (auto* t : {&mixed, &b, &a, &z, &conv_state, &conv_w, &A_log, &dt_bias, &S0, &gnorm})
+    TORCH_CHECK(t->dtype() == torch::kFloat32 && t->is_contiguous(), "gdn_core: fp32 contiguous inputs");
+  const int64_t T = mixed.size(0), C = mixed.size(1), nv = A_log.size(0);
+  const GdnShape g{C, conv_state.size(0), nk, dk, nv, dv, (float)eps_d};
+  auto y = torch::empty({T, nv * dv}, mixed.options());
+  auto states = torch::empty({T, nv, dk, dv}, mixed.options());
+  gdn_seq(g, T, mixed.data_ptr<float>(), C, z.data_ptr<float>(), nv * dv, b.data_ptr<float>(), nv,
+          a.data_ptr<float>(), nv, conv_state.data_ptr<float>(), conv_w.data_ptr<float>(), A_log.data_ptr<float>(),
+          dt_bias.data_ptr<float>(), S0.data_ptr<float>(), gnorm.data_ptr<float>(), y.data_ptr<float>(),
+          states.data_ptr<float>());
+  return {y, states};
+}
+
+// ---- RMS norm of rows: x [N, D] (any float dtype) -> x * rsqrt(mean(x^2) + eps) * w, fp32 math ----
+torch::Tensor rms_rows(torch::Tensor x, torch::Tensor w, double eps_d) {
+  TORCH_CHECK(w.dtype() == torch::kFloat32 && w.is_contiguous(), "rms_rows: w must be fp32");
+  auto xf = x.to(torch::kFloat32).contiguous();
+  const int64_t D = xf.size(-1), N = xf.numel() / D;
+  auto y = torch::empty_like(xf);
+  const float *X = xf.data_ptr<float>(), *W = w.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  const float eps = (float)eps_d, inv_d = 1.0f / (float)D;
+  for (int64_t n = 0; n < N; n++) {
+    const float* xr = X + n * D;
+    float ss = 0.0f;
+    for (int64_t i = 0; i < D; i++) ss += xr[i] * xr[i];
+    const float r = 1.0f / std::sqrt(ss * inv_d + eps);
+    for (int64_t i = 0; i < D; i++) Y[n * D + i] = xr[i] * r * W[i];
+  }
+  return y.to(x.dtype());
+}
+
+// ---- MoE (all experts evaluated, the exact path's dense form) between its two matmuls ----
+// y [N, E + 1 + E*2I + 2Is] = router logits | shared gate | each expert's gate|up | the shared
+// expert's gate|up (fp32) -> activations [N, E*I + Is] in `out_dtype`: fp32 softmax over the E
+// logits, top-k (ties: lower index), optional renormalisation, silu(gate) * up * routing weight
+// (0 for experts not picked), sigmoid(shared gate) for the shared expert.
+torch::Tensor moe_act(torch::Tensor y, int64_t E, int64_t I, int64_t Is, int64_t topk, bool renorm,
+                      at::ScalarType out_dtype) {
+  TORCH_CHECK(y.dtype() == torch::kFloat32 && y.is_contiguous() && y.dim() == 2, "moe_act: y fp32 [N, W]");
+  const int64_t N = y.size(0), Wd = y.size(1);
+  TORCH_CHECK(Wd == E + 1 + E * 2 * I + 2 * Is, "moe_act: width mismatch");
+  auto act = torch::empty({N, E * I + Is}, y.options());
+  std::vector<float> p(E), w(E);
+  std::vector<int64_t> pick(topk);
+  const float* Yd = y.data_ptr<float>();
+  float* A = act.data_ptr<float>();
+  for (int64_t n = 0; n < N; n++) {
+    const float* row = Yd + n * Wd;
+    float mx = row[0];
+    for (int64_t e = 1; e < E; e++) mx = std::max(mx, row[e]);
+    float sum = 0.0f;
+    for (int64_t e = 0; e < E; e++) { p[e] = std::exp(row[e] - mx); sum += p[e]; }
+    for (int64_t e = 0; e < E; e++) { p[e] = p[e] / sum; w[e] = 0.0f; }
+    float wsum = 0.0f;
+    for (int64_t j = 0; j < topk; j++) {
+      int64_t best = -1;
+      for (int64_t e = 0; e < E; e++) {
+        bool used = false;
+        for (int64_t u = 0; u < j; u++) used |= pick[u] == e;
+        if (!used && (best < 0 || p[e] > p[best])) best = e;
+      }
+      pick[j] = best;
+      wsum += p[best];
+    }
+    for (int64_t j = 0; j < topk; j++) w[pick[j]] = renorm ? p[pick[j]] / wsum : p[pick[j]];
+    const float* gu = row + E + 1;
+    float* out = A + n * (E * I + Is);
+    for (int64_t e = 0; e < E; e++) {
+      const float* g = gu + e * 2 * I;
+      for (int64_t i = 0; i < I; i++) out[e * I + i] = w[e] == 0.0f ? 0.0f : silu_f(g[i]) * g[I + i] * w[e];
+    }
+    const float sg = 1.0f / (1.0f + std::exp(-row[E]));
+    const float* gs = gu + E * 2 * I;
+    for (int64_t i = 0; i < Is; i++) out[E * I + i] = silu_f(gs[i]) * gs[Is + i] * sg;
+  }
+  return act.to(out_dtype);
+}
+
+// ---- attention of few query rows over a KV cache (the exact path's decode / verify) ----
+// q [T, nh, hd] at positions pos0.., K / V [nkv, cap, hd] -> o [T, nh * hd] (fp32). Row t, head h
+// attends to keys 0..pos0+t of KV head h / (nh / nkv): scores by L-lane FMAs over hd and a fixed
+// horizontal sum, max, exp, the sum of weights in key order, then the weighted values in key
+// order. Each (t, h) is computed on its own, so the rows of a verify equal one-token decodes.
+template <typename KV>
+static void attend_one(const float* q, const KV* Kc, const KV* Vc, int64_t n_keys, int64_t hd, float scale,
+                       float* out, std::vector<float>& sc) {
+  sc.resize(n_keys);
+  const int64_t hm = hd - hd % LANES;
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < n_keys; j++) {
+    const KV* kr = Kc + j * hd;
+    V acc = vzero();
+    for (int64_t d = 0; d < hm; d += LANES) acc = vfma(ldw(kr + d), ldx(q + d), acc);
+    float s = hsum(acc);
+    for (int64_t d = hm; d < hd; d++) s += (float)kr[d] * q[d];
+    s *= scale;
+    sc[j] = s;
+    mx = std::max(mx, s);
+  }
+  float sum = 0.0f;
+  for (int64_t j = 0; j < n_keys; j++) { sc[j] = std::exp(sc[j] - mx); sum += sc[j]; }
+  for (int64_t d = 0; d < hd; d++) out[d] = 0.0f;
+  for (int64_t j = 0; j < n_keys; j++) {
+    const KV* vr = Vc + j * hd;
+    const float wj = sc[j];
+    for (int64_t d = 0; d < hd; d++) out[d] += wj * (float)vr[d];
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t d = 0; d < hd; d++) out[d] *= inv;
+}
+
+template <typename KV>
+static void attend_all(const float* q, const KV* Kc, const KV* Vc, float* o, int64_t T, int64_t nh, int64_t nkv,
+                       int64_t hd, int64_t cap, int64_t pos0, float scale) {
+  const int64_t g = nh / nkv, pairs = T * nh;
+  const int64_t work = (pos0 + T) * hd;  // key-dims per pair, about
+  const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(work, 1));
+  auto body = [&](int64_t b0, int64_t b1) {
+    std::vector<float> sc;
+    for (int64_t pi = b0; pi < b1; pi++) {
+      const int64_t t = pi / nh, h = pi % nh, kv = h / g;
+      attend_one<KV>(q + (t * nh + h) * hd, Kc + kv * cap * hd, Vc + kv * cap * hd, pos0 + t + 1, hd, scale,
+                     o + (t * nh + h) * hd, sc);
+    }
+  };
+  if (pairs <= grain || at::get_num_threads() == 1) body(0, pairs);
+  else at::parallel_for(0, pairs, grain, body);
+}
+
+torch::Tensor attend_rows(torch::Tensor q, torch::Tensor K, torch::Tensor Vt, int64_t pos0, double scale) {
+  TORCH_CHECK(K.is_contiguous() && Vt.is_contiguous() && K.dim() == 3 && K.dtype() == Vt.dtype(), "attend_rows: K/V [nkv, cap, hd]");
+  auto qf = q.to(torch::kFloat32).contiguous();
+  const int64_t T = qf.size(0), nh = qf.size(1), hd = qf.size(2), nkv = K.size(0), cap = K.size(1);
+  TORCH_CHECK(pos0 + T <= cap && K.size(2) == hd && nh % nkv == 0, "attend_rows: shapes");
+  auto o = torch::empty({T, nh * hd}, qf.options());
+  const float* Q = qf.data_ptr<float>();
+  float* O = o.data_ptr<float>();
+  const float sc = (float)scale;
+  if (K.dtype() == torch::kFloat32) attend_all<float>(Q, K.data_ptr<float>(), Vt.data_ptr<float>(), O, T, nh, nkv, hd, cap, pos0, sc);
+  else if (K.dtype() == torch::kBFloat16) attend_all<at::BFloat16>(Q, K.data_ptr<at::BFloat16>(), Vt.data_ptr<at::BFloat16>(), O, T, nh, nkv, hd, cap, pos0, sc);
+  else if (K.dtype() == torch::kFloat16) attend_all<at::Half>(Q, K.data_ptr<at::Half>(), Vt.data_ptr<at::Half>(), O, T, nh, nkv, hd, cap, pos0, sc);
+  else TORCH_CHECK(false, "attend_rows: unsupported cache dtype");
+  return o.to(q.dtype());
+}
