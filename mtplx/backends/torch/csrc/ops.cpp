@@ -21,6 +21,13 @@ static inline V ldw(const at::BFloat16* p) {
 static inline V ldw(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
 static inline V ldw(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
 static inline __m256 fold(V v) { return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)); }
+// 2 x LANES bf16 weights -> their even-index values (lane i: w[2i]) and their odd ones (w[2i+1]):
+// a shift and a mask, no shuffle (the shuffle of a widening load is what limits bf16 decode)
+static inline void ldw_pair(const at::BFloat16* p, V& even, V& odd) {
+  __m512i v = _mm512_loadu_si512((const void*)p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u)));
+}
 #else
 typedef __m256 V;
 #define LANES 8
@@ -37,6 +44,11 @@ static inline V ldw(const at::BFloat16* p) {
 static inline V ldw(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
 static inline V ldw(const int8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))); }
 static inline __m256 fold(V v) { return v; }
+static inline void ldw_pair(const at::BFloat16* p, V& even, V& odd) {
+  __m256i v = _mm256_loadu_si256((const __m256i*)p);
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000u)));
+}
 #endif
 
 static inline float hsum(V v) {
@@ -47,36 +59,81 @@ static inline float hsum(V v) {
   return _mm_cvtss_f32(s);
 }
 
-// NB columns x R rows. x rows are zero-padded to Kp (a multiple of LANES); a weight row's
-// last partial chunk is copied into a zeroed buffer. acc[j][r] is the whole dot product.
+// K is consumed in chunks of CHUNK<W> values: LANES, or 2 x LANES for bf16 weights, whose chunk is
+// loaded as its even-index and its odd-index values (ldw_pair), each FMA'd with the matching
+// half of x: run() lays x out that way (x_layout), each chunk's even values first.
+template <typename W> struct Chunk { static constexpr int64_t n = LANES; static constexpr bool paired = false; };
+template <> struct Chunk<at::BFloat16> { static constexpr int64_t n = 2 * LANES; static constexpr bool paired = true; };
+
 template <typename W, int NB, int R>
-static inline void tile(const float* x, int64_t Kp, int64_t K, const W* w, float* y, int64_t ldy, const float* scale) {
-  V acc[NB][R];
-  for (int j = 0; j < NB; j++) for (int r = 0; r < R; r++) acc[j][r] = vzero();
-  const int64_t Km = K - K % LANES;
-  for (int64_t k = 0; k < Km; k += LANES) {
+static inline void chunk_fma(const float* x, int64_t Kp, int64_t k, const W* const* wj, int64_t kw, V (&acc)[NB][R]) {
+  if constexpr (Chunk<W>::paired) {
+    V xe[R], xo[R];
+    for (int r = 0; r < R; r++) { xe[r] = ldx(x + r * Kp + k); xo[r] = ldx(x + r * Kp + k + LANES); }
+    for (int j = 0; j < NB; j++) {
+      V we, wo;
+      ldw_pair(wj[j] + kw, we, wo);
+      for (int r = 0; r < R; r++) acc[j][r] = vfma(wo, xo[r], vfma(we, xe[r], acc[j][r]));
+    }
+  } else {
     V xv[R];
     for (int r = 0; r < R; r++) xv[r] = ldx(x + r * Kp + k);
     for (int j = 0; j < NB; j++) {
-      V wv = ldw(w + j * K + k);
+      V wv = ldw(wj[j] + kw);
       for (int r = 0; r < R; r++) acc[j][r] = vfma(wv, xv[r], acc[j][r]);
     }
   }
+}
+
+// NB columns x R rows. x rows are laid out by x_layout (zero-padded to Kp, a multiple of the
+// chunk); a weight row's last partial chunk is copied into a zeroed buffer. acc[j][r] is the
+// whole dot product.
+template <typename W, int NB, int R>
+static inline void tile(const float* x, int64_t Kp, int64_t K, const W* w, float* y, int64_t ldy, const float* scale) {
+  constexpr int64_t CH = Chunk<W>::n;
+  V acc[NB][R];
+  for (int j = 0; j < NB; j++) for (int r = 0; r < R; r++) acc[j][r] = vzero();
+  const W* wj[NB];
+  for (int j = 0; j < NB; j++) wj[j] = w + j * K;
+  const int64_t Km = K - K % CH;
+  for (int64_t k = 0; k < Km; k += CH) chunk_fma<W, NB, R>(x, Kp, k, wj, k, acc);
   if (Km < K) {
-    V xv[R];
-    for (int r = 0; r < R; r++) xv[r] = ldx(x + r * Kp + Km);
+    alignas(64) W buf[NB][CH];
+    const W* bj[NB];
     for (int j = 0; j < NB; j++) {
-      alignas(64) unsigned char buf[LANES * sizeof(W)] = {0};
-      std::memcpy(buf, w + j * K + Km, (K - Km) * sizeof(W));
-      V wv = ldw(reinterpret_cast<const W*>(buf));
-      for (int r = 0; r < R; r++) acc[j][r] = vfma(wv, xv[r], acc[j][r]);
+      std::memset((void*)buf[j], 0, sizeof(buf[j]));
+      std::memcpy((void*)buf[j], w + j * K + Km, (K - Km) * sizeof(W));
+      bj[j] = buf[j];
     }
+    chunk_fma<W, NB, R>(x, Kp, Km, bj, 0, acc);
   }
   for (int j = 0; j < NB; j++)
     for (int r = 0; r < R; r++) {
       float s = hsum(acc[j][r]);
       y[r * ldy + j] = scale ? s * scale[j] : s;
     }
+}
+
+// x [M, K] -> the layout tile<W> reads: rows zero-padded to Kp (a whole number of chunks); for
+// paired chunks each chunk's even-index values, then its odd-index ones.
+template <typename W>
+static std::vector<float> x_layout(const float* x, int64_t M, int64_t K, int64_t& Kp) {
+  constexpr int64_t CH = Chunk<W>::n;
+  Kp = (K + CH - 1) / CH * CH;
+  std::vector<float> out(M * Kp, 0.0f);
+  for (int64_t r = 0; r < M; r++) {
+    const float* xr = x + r * K;
+    float* o = &out[r * Kp];
+    if constexpr (Chunk<W>::paired) {
+      for (int64_t k = 0; k < K; k++) {
+        const int64_t c = k / CH * CH, i = k - c;
+        o[c + (i % 2) * LANES + i / 2] = xr[k];
+      }
+    } else {
+      std::memcpy(o, xr, K * sizeof(float));
+    }
+  }
+  return out;
 }
 
 // nc (<= 8) columns starting at w / y for R rows: tiles of NB columns, then single columns.
@@ -116,9 +173,13 @@ static void run_cols(const float* x, int64_t M, int64_t Kp, int64_t K, const W* 
   }
 }
 
+// y [M, N] = x [M, K] (fp32, row-major) @ w [N, K].T, columns split across threads
 template <typename W>
-static void run(const float* x, int64_t M, int64_t Kp, int64_t K, const W* w, float* y, int64_t N,
+static void run(const float* x_in, int64_t M, int64_t K, const W* w, float* y, int64_t N,
                 const float* scale, int64_t par_bytes) {
+  int64_t Kp = 0;
+  const std::vector<float> xl = x_layout<W>(x_in, M, K, Kp);
+  const float* x = xl.data();
   const int64_t blocks = (N + 7) / 8;
   const int64_t block_bytes = 8 * K * (int64_t)sizeof(W);
   const int64_t grain = std::max<int64_t>(1, par_bytes / std::max<int64_t>(block_bytes, 1));
@@ -135,21 +196,19 @@ torch::Tensor rowmm(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "rowmm: x must be fp32 [M, K]");
   TORCH_CHECK(w.is_contiguous() && w.dim() == 2 && w.size(1) == x.size(1), "rowmm: w must be contiguous [N, K]");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  const int64_t Kp = (K + LANES - 1) / LANES * LANES;
-  torch::Tensor xp = x.contiguous();
-  if (Kp != K) xp = torch::constant_pad_nd(xp, {0, Kp - K}, 0.0);
+  torch::Tensor xc = x.contiguous();
   auto y = torch::empty({M, N}, x.options());
   const float* sc = nullptr;
   if (scale.numel()) {
     TORCH_CHECK(scale.dtype() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == N, "rowmm: scale must be fp32 [N]");
     sc = scale.data_ptr<float>();
   }
-  const float* xd = xp.data_ptr<float>();
+  const float* xd = xc.data_ptr<float>();
   float* yd = y.data_ptr<float>();
-  if (w.dtype() == torch::kFloat32) run<float>(xd, M, Kp, K, w.data_ptr<float>(), yd, N, sc, par_bytes);
-  else if (w.dtype() == torch::kBFloat16) run<at::BFloat16>(xd, M, Kp, K, w.data_ptr<at::BFloat16>(), yd, N, sc, par_bytes);
-  else if (w.dtype() == torch::kFloat16) run<at::Half>(xd, M, Kp, K, w.data_ptr<at::Half>(), yd, N, sc, par_bytes);
-  else if (w.dtype() == torch::kInt8) run<int8_t>(xd, M, Kp, K, w.data_ptr<int8_t>(), yd, N, sc, par_bytes);
+  if (w.dtype() == torch::kFloat32) run<float>(xd, M, K, w.data_ptr<float>(), yd, N, sc, par_bytes);
+  else if (w.dtype() == torch::kBFloat16) run<at::BFloat16>(xd, M, K, w.data_ptr<at::BFloat16>(), yd, N, sc, par_bytes);
+  else if (w.dtype() == torch::kFloat16) run<at::Half>(xd, M, K, w.data_ptr<at::Half>(), yd, N, sc, par_bytes);
+  else if (w.dtype() == torch::kInt8) run<int8_t>(xd, M, K, w.data_ptr<int8_t>(), yd, N, sc, par_bytes);
   else TORCH_CHECK(false, "rowmm: unsupported weight dtype");
   return y;
 }

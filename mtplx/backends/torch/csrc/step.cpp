@@ -86,18 +86,10 @@ static void matmul(const float* x, int64_t M, const Mat& w, float* y, int act_ki
     return;
   }
 #endif
-  const int64_t Kp = (K + LANES - 1) / LANES * LANES;
-  std::vector<float> pad;
-  const float* xp = x;
-  if (Kp != K) {
-    pad.assign(M * Kp, 0.0f);
-    for (int64_t r = 0; r < M; r++) std::memcpy(&pad[r * Kp], x + r * K, K * sizeof(float));
-    xp = pad.data();
-  }
-  if (w.kind == KF32) run<float>(xp, M, Kp, K, (const float*)w.p, y, w.N, nullptr, par_bytes);
-  else if (w.kind == KBF16) run<at::BFloat16>(xp, M, Kp, K, (const at::BFloat16*)w.p, y, w.N, nullptr, par_bytes);
-  else if (w.kind == KF16) run<at::Half>(xp, M, Kp, K, (const at::Half*)w.p, y, w.N, nullptr, par_bytes);
-  else run<int8_t>(xp, M, Kp, K, (const int8_t*)w.p, y, w.N, w.scale, par_bytes);
+  if (w.kind == KF32) run<float>(x, M, K, (const float*)w.p, y, w.N, nullptr, par_bytes);
+  else if (w.kind == KBF16) run<at::BFloat16>(x, M, K, (const at::BFloat16*)w.p, y, w.N, nullptr, par_bytes);
+  else if (w.kind == KF16) run<at::Half>(x, M, K, (const at::Half*)w.p, y, w.N, nullptr, par_bytes);
+  else run<int8_t>(x, M, K, (const int8_t*)w.p, y, w.N, w.scale, par_bytes);
 }
 
 static inline float sigmoid_f(float x) { return 1.0f / (1.0f + std::exp(-x)); }
@@ -283,6 +275,24 @@ class Step {
   std::vector<LayerW> layers_;
   std::vector<torch::Tensor> kept_;
 
+  std::vector<c10::Storage> pool_;  // state buffers handed out before (a Qwen3.5 layer's: 1 MB a position)
+
+  // A fresh fp32 tensor, or one on a pooled buffer no tensor uses any more (the pool holds its
+  // storage's only reference). Without it each step would map new pages for every layer's
+  // states and fault them in one by one (8% of a Qwen3.5-MoE-shaped decode).
+  torch::Tensor reusable(std::vector<int64_t> shape) {
+    int64_t numel = 1;
+    for (auto d : shape) numel *= d;
+    const size_t bytes = numel * sizeof(float);
+    const auto f32 = torch::TensorOptions().dtype(torch::kFloat32);
+    for (auto& st : pool_)
+      if (st.nbytes() == bytes && st.use_count() == 1) return torch::empty({0}, f32).set_(st, 0, shape);
+    auto t = torch::empty(shape, f32);
+    if (pool_.size() >= 256) pool_.erase(pool_.begin());
+    pool_.push_back(t.storage());
+    return t;
+  }
+
   torch::Tensor keep(torch::Tensor t) {
     kept_.push_back(t);
     return t;
@@ -383,7 +393,7 @@ class Step {
       const torch::Tensor& S0 = caches[2 * i + 1];
       TORCH_CHECK(conv.size(0) == s.K1 && conv.size(1) == C && S0.dtype() == torch::kFloat32 && S0.is_contiguous() &&
                   S0.numel() == s.nv * s.dk * s.dv, "Step.run: GatedDeltaNet cache");
-      auto st = torch::empty({sq.T, s.nv, s.dk, s.dv}, S0.options());
+      auto st = reusable({sq.T, s.nv, s.dk, s.dv});
       const float* yr = &y[sq.row0 * W];
       gdn_seq(s, sq.T, yr, W, yr + C, W, yr + C + vd, W, yr + C + vd + s.nv, W, conv.data_ptr<float>(), g.conv_w,
               g.A_log, g.dt_bias, S0.data_ptr<float>(), g.gnorm, &core[sq.row0 * vd], st.data_ptr<float>());
