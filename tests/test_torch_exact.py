@@ -272,7 +272,7 @@ def test_fused_kernel_choice_and_fallbacks():
     assert load_torch_model(path, dtype=torch.float32, progress=False, kernel="auto").kernel == "fused"
     q = load_torch_model(path, dtype=torch.float32, progress=False, quantize="int8", kernel="auto")
     assert q.kernel == "rowmm"
-    with pytest.raises(RuntimeError, match="fused kernel cannot run this model: .* quantized"):
+    with pytest.raises(RuntimeError, match="fused kernel cannot run this model: .* is int8-quantized"):
         q.set_kernel("fused")
     m = load_torch_model(path, dtype=torch.float32, progress=False, kernel="fused")
     tp.attach(m, object())  # a shard model sums its blocks over ranks: op by op

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import kernels
+from .int8 import Int8Weight
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -33,12 +34,10 @@ def unsupported(model) -> str | None:
             return f"{name} is not a plain fp32 / bf16 / fp16 tensor"
         if not p.is_contiguous():
             return f"{name} is not contiguous"
-    for mod in model.modules():  # quantized weights are attributes, not parameters
+    for name, mod in model.named_modules():  # quantized weights are attributes, not parameters
         for k, v in vars(mod).items():
-            if k in ("_parameters", "_buffers", "_modules") or k.startswith("_"):
-                continue
-            if hasattr(v, "linear") and hasattr(v, "q"):
-                return f"{k} is quantized"
+            if isinstance(v, Int8Weight):
+                return f"{name}.{k} is int8-quantized"
     return None
 
 

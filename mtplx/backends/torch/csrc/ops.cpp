@@ -13,6 +13,8 @@ typedef __m512 V;
 static inline V vzero() { return _mm512_setzero_ps(); }
 static inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 static inline V ldx(const float* p) { return _mm512_loadu_ps(p); }
+static inline V vset(float v) { return _mm512_set1_ps(v); }
+static inline void vst(float* p, V v) { _mm512_storeu_ps(p, v); }
 static inline V ldw(const float* p) { return _mm512_loadu_ps(p); }
 static inline V ldw(const at::BFloat16* p) {
   __m512i i = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
@@ -21,12 +23,13 @@ static inline V ldw(const at::BFloat16* p) {
 static inline V ldw(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
 static inline V ldw(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
 static inline __m256 fold(V v) { return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)); }
-// 2 x LANES bf16 weights -> their even-index values (lane i: w[2i]) and their odd ones (w[2i+1]):
-// a shift and a mask, no shuffle (the shuffle of a widening load is what limits bf16 decode)
-static inline void ldw_pair(const at::BFloat16* p, V& even, V& odd) {
-  __m512i v = _mm512_loadu_si512((const void*)p);
-  even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-  odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u)));
+// 2 x LANES bf16 weights -> their even-index values (lane i: w[2i]) or their odd ones (w[2i+1]):
+// a shift or a mask, no shuffle (the shuffle of a widening load is what limits bf16 decode)
+static inline V ldw_even(const at::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_loadu_si512((const void*)p), 16));
+}
+static inline V ldw_odd(const at::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512((const void*)p), _mm512_set1_epi32((int)0xFFFF0000u)));
 }
 #else
 typedef __m256 V;
@@ -36,6 +39,8 @@ typedef __m256 V;
 static inline V vzero() { return _mm256_setzero_ps(); }
 static inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 static inline V ldx(const float* p) { return _mm256_loadu_ps(p); }
+static inline V vset(float v) { return _mm256_set1_ps(v); }
+static inline void vst(float* p, V v) { _mm256_storeu_ps(p, v); }
 static inline V ldw(const float* p) { return _mm256_loadu_ps(p); }
 static inline V ldw(const at::BFloat16* p) {
   __m256i i = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
@@ -44,10 +49,11 @@ static inline V ldw(const at::BFloat16* p) {
 static inline V ldw(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
 static inline V ldw(const int8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))); }
 static inline __m256 fold(V v) { return v; }
-static inline void ldw_pair(const at::BFloat16* p, V& even, V& odd) {
-  __m256i v = _mm256_loadu_si256((const __m256i*)p);
-  even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-  odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000u)));
+static inline V ldw_even(const at::BFloat16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256((const __m256i*)p), 16));
+}
+static inline V ldw_odd(const at::BFloat16* p) {
+  return _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256((const __m256i*)p), _mm256_set1_epi32((int)0xFFFF0000u)));
 }
 #endif
 
@@ -60,20 +66,24 @@ static inline float hsum(V v) {
 }
 
 // K is consumed in chunks of CHUNK<W> values: LANES, or 2 x LANES for bf16 weights, whose chunk is
-// loaded as its even-index and its odd-index values (ldw_pair), each FMA'd with the matching
+// loaded as its even-index and its odd-index values (ldw_even / ldw_odd), each FMA'd with the matching
 // half of x: run() lays x out that way (x_layout), each chunk's even values first.
 template <typename W> struct Chunk { static constexpr int64_t n = LANES; static constexpr bool paired = false; };
 template <> struct Chunk<at::BFloat16> { static constexpr int64_t n = 2 * LANES; static constexpr bool paired = true; };
 
 template <typename W, int NB, int R>
 static inline void chunk_fma(const float* x, int64_t Kp, int64_t k, const W* const* wj, int64_t kw, V (&acc)[NB][R]) {
-  if constexpr (Chunk<W>::paired) {
-    V xe[R], xo[R];
-    for (int r = 0; r < R; r++) { xe[r] = ldx(x + r * Kp + k); xo[r] = ldx(x + r * Kp + k + LANES); }
+  if constexpr (Chunk<W>::paired) {  // every accumulator: the even FMA, then the odd one
+    V xv[R];
+    for (int r = 0; r < R; r++) xv[r] = ldx(x + r * Kp + k);
     for (int j = 0; j < NB; j++) {
-      V we, wo;
-      ldw_pair(wj[j] + kw, we, wo);
-      for (int r = 0; r < R; r++) acc[j][r] = vfma(wo, xo[r], vfma(we, xe[r], acc[j][r]));
+      V we = ldw_even(wj[j] + kw);
+      for (int r = 0; r < R; r++) acc[j][r] = vfma(we, xv[r], acc[j][r]);
+    }
+    for (int r = 0; r < R; r++) xv[r] = ldx(x + r * Kp + k + LANES);
+    for (int j = 0; j < NB; j++) {
+      V wo = ldw_odd(wj[j] + kw);
+      for (int r = 0; r < R; r++) acc[j][r] = vfma(wo, xv[r], acc[j][r]);
     }
   } else {
     V xv[R];
@@ -467,10 +477,12 @@ static void attend_one(const float* q, const KV* Kc, const KV* Vc, int64_t n_key
   float sum = 0.0f;
   for (int64_t j = 0; j < n_keys; j++) { sc[j] = std::exp(sc[j] - mx); sum += sc[j]; }
   for (int64_t d = 0; d < hd; d++) out[d] = 0.0f;
-  for (int64_t j = 0; j < n_keys; j++) {
+  for (int64_t j = 0; j < n_keys; j++) {  // out[d] += w_j * v_j[d], keys in order, one FMA each
     const KV* vr = Vc + j * hd;
     const float wj = sc[j];
-    for (int64_t d = 0; d < hd; d++) out[d] += wj * (float)vr[d];
+    const V wv = vset(wj);
+    for (int64_t d = 0; d < hm; d += LANES) vst(out + d, vfma(ldw(vr + d), wv, ldx(out + d)));
+    for (int64_t d = hm; d < hd; d++) out[d] = std::fma((float)vr[d], wj, out[d]);
   }
   const float inv = 1.0f / sum;
   for (int64_t d = 0; d < hd; d++) out[d] *= inv;

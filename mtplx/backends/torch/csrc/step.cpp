@@ -398,15 +398,16 @@ class Step {
       gdn_seq(s, sq.T, yr, W, yr + C, W, yr + C + vd, W, yr + C + vd + s.nv, W, conv.data_ptr<float>(), g.conv_w,
               g.A_log, g.dt_bias, S0.data_ptr<float>(), g.gnorm, &core[sq.row0 * vd], st.data_ptr<float>());
       states.push_back(st);
-      auto cv = torch::empty({sq.T, s.K1, C}, torch::TensorOptions().dtype(embed_.dtype()));
+      auto cv = torch::empty({sq.T, s.K1, C}, torch::TensorOptions().dtype(torch::kFloat32));
       const float* P = conv.data_ptr<float>();
+      float* CV = cv.data_ptr<float>();
       for (int64_t t = 0; t < sq.T; t++)  // rows t+1 .. t+K-1 of [conv state; this step's rows]
         for (int64_t j = 0; j < s.K1; j++) {
           const int64_t src = t + 1 + j;
           const float* from = src < s.K1 ? P + src * C : yr + (src - s.K1) * W;
-          for (int64_t c = 0; c < C; c++) store_any(cv.data_ptr(), kind_, (t * s.K1 + j) * C + c, from[c]);
+          std::memcpy(CV + (t * s.K1 + j) * C, from, C * sizeof(float));
         }
-      convs.push_back(cv);
+      convs.push_back(kind_ == KF32 ? cv : cv.to(embed_.dtype()));  // values already in the model dtype
     }
     round_all(core.data(), N * vd, kind_);
     matmul(core.data(), N, g.out, out, kind_, par_);
