@@ -192,8 +192,10 @@ def load_torch_model(source, dtype=torch.bfloat16, device="cpu", *, config: Mode
                      shard: tuple[int, int] | None = None) -> Qwen35Model:
     """Load a model from a checkpoint folder, a canonical (name, array) iterable, or a raw tensor
     mapping (+ config). Returns an eval-mode Qwen35Model with `model.mtp` set when the checkpoint
-    has a head (and include_mtp). kernel: exact-path linears, "auto" (default, or $MTPLX_KERNEL: the compiled kernel where the CPU has it), "torch",
-    "rowmm" (compiled fixed-order CPU kernel, built once on first use) or "auto". draft_lm_head:
+    has a head (and include_mtp). kernel: the exact path (Qwen35Model.set_kernel): "auto" (default,
+    or $MTPLX_KERNEL: the compiled kernels where the CPU has them, built once on first use),
+    "fused" (the whole step in one compiled call), "rowmm" (the compiled ops one by one) or
+    "torch". draft_lm_head:
     the lm_head precision the MTP head drafts with, "auto" | "int8" | "full" (MtpHead.set_draft_lm_head).
     shard: (rank, world) loads only that tensor-parallel rank's slice of every tensor
     (mtplx.checkpoint.shard; a memory-mapped checkpoint then reads only those bytes): the model
