@@ -279,6 +279,29 @@ def test_fused_kernel_choice_and_fallbacks():
     assert m.kernel == "rowmm"
 
 
+def test_fused_step_sessions_on_two_threads_equal_alone():
+    """The fused step runs with the GIL released: sessions of one model decoding on two Python
+    threads at once get the tokens they get alone."""
+    if not fused_available():
+        pytest.skip("no compiled step kernel on this CPU / without a compiler")
+    import threading
+
+    m = our_model("moe", torch.float32, kernel="fused")
+    prompts = [prompt(9, seed=40 + i) for i in range(4)]
+    alone = [generate(m, p, 2, 24)[0] for p in prompts]
+    got = [None] * len(prompts)
+
+    def run(i):
+        got[i] = generate(m, prompts[i], 2, 24)[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == alone
+
+
 def test_fused_step_thread_invariant(monkeypatch):
     """The fused step split across threads (every matmul's columns, here even the tiny ones) gives
     the bits of one thread: set_batch_threads measures it and turns on."""

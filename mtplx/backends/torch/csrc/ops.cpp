@@ -3,6 +3,7 @@
 #include <immintrin.h>
 #include <cmath>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 #if defined(MTPLX_AVX512)

@@ -275,12 +275,14 @@ class Step {
   std::vector<LayerW> layers_;
   std::vector<torch::Tensor> kept_;
 
+  std::mutex pool_mu_;
   std::vector<c10::Storage> pool_;  // state buffers handed out before (a Qwen3.5 layer's: 1 MB a position)
 
   // A fresh fp32 tensor, or one on a pooled buffer no tensor uses any more (the pool holds its
   // storage's only reference). Without it each step would map new pages for every layer's
   // states and fault them in one by one (8% of a Qwen3.5-MoE-shaped decode).
   torch::Tensor reusable(std::vector<int64_t> shape) {
+    std::lock_guard<std::mutex> lock(pool_mu_);  // sessions on other threads share this Step
     int64_t numel = 1;
     for (auto d : shape) numel *= d;
     const size_t bytes = numel * sizeof(float);
