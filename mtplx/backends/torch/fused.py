@@ -106,8 +106,11 @@ def target_step(model, ids: torch.Tensor, spans, caches) -> tuple:
     """The exact step of several sequences (Qwen35Model.step_many's contract): ids [sum T_i],
     spans [(pos0_i, T_i)], caches: their ModelCaches (ensured) -> (post, pre, logits [sum T_i, V])."""
     step = _step_for(model, lambda: model.layers, model)
-    split = [([c for c, l in zip(mc.layers, model.layers) if l.is_attn],
-              [c for c, l in zip(mc.layers, model.layers) if not l.is_attn]) for mc in caches]
+    attn = model.__dict__.get("_fused_attn")
+    if attn is None:  # which layers are attention (the rest GatedDeltaNet), once
+        attn = model.__dict__["_fused_attn"] = [layer.is_attn for layer in model.layers]
+    split = [([c for c, a in zip(mc.layers, attn) if a], [c for c, a in zip(mc.layers, attn) if not a])
+             for mc in caches]
     out = _run(step, model.rope, ids.contiguous(), _EMPTY, spans, split, model.head_weight(), _EMPTY, [])
     _record(out, spans, split)
     return out[0], out[1], out[2]

@@ -925,8 +925,9 @@ class Qwen35Model(nn.Module):
             raise ValueError(f"kernel must be 'torch', 'rowmm', 'fused' or 'auto', got {kernel!r}")
         if kernel in ("rowmm", "fused") and (self.device.type != "cpu" or kernels.get_rowmm() is None):
             raise RuntimeError(f"the {kernel} kernel is unavailable: {kernels.kernel_error() or 'not a CPU model'}")
-        if kernel == "fused" and fused.unsupported(self) is not None:
-            raise RuntimeError(f"the fused kernel cannot run this model: {fused.unsupported(self)} (use --kernel rowmm)")
+        why = fused.unsupported(self) if kernel == "fused" else None
+        if why is not None:
+            raise RuntimeError(f"the fused kernel cannot run this model: {why} (use --kernel rowmm)")
         self.kernel = kernel
         fused.reset(self)
         if self.mtp is not None:
