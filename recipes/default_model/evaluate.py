@@ -64,7 +64,8 @@ def speed_table(model, prompts: list, depths: list[int], temp: float, max_tokens
     agg = {d: {"tokens": 0, "time": 0.0, "drafted": [0] * d, "accepted": [0] * d, "verify": 0, "acc": 0}
            for d in depths}
     mismatches = 0
-    mtplx.generate(model, prompts[0], SamplingParams(temperature=temp, max_tokens=8, ignore_eos=True, seed=0), depth=1)
+    mtplx.generate(model, prompts[0], SamplingParams(temperature=temp, max_tokens=8, ignore_eos=True, seed=0),
+                   depth=max(depths))
     for pi, prompt in enumerate(prompts):
         order = depths[pi % len(depths):] + depths[:pi % len(depths)]
         outs = {}
@@ -165,13 +166,15 @@ def run_tools(model, args, depths) -> dict:
         if not right and len(fails) < 8:
             fails.append({"request": rec["messages"][-1]["content"], "want": want, "got": got,
                           "text": reply.result.text[:300]})
-    ids = [chat_prompt_ids(model, r) for r in recs[:args.speed_prompts]]
-    t = speed_table(model, ids, depths, 0.0, 256, False)
-    print_rows(f"tool prompts, temperature 0 ({len(ids)} held-out tasks)", t)
-    print(f"  held-out tool tasks: right name and every required argument {ok / n:.1%}, "
-          f"exact argument values {exact / n:.1%} (of {n})")
-    return {**t, "n": n, "right_call": ok / n, "exact_values": exact / n,
-            "examples_of_failures": fails}
+    print(f"held-out tool tasks: right name and every required argument {ok / n:.1%}, "
+          f"exact argument values {exact / n:.1%} (of {n})", flush=True)
+    out = {"n": n, "right_call": ok / n, "exact_values": exact / n, "examples_of_failures": fails}
+    if args.speed_prompts:
+        ids = [chat_prompt_ids(model, r) for r in recs[:args.speed_prompts]]
+        t = speed_table(model, ids, depths, 0.0, 256, False)
+        print_rows(f"tool prompts, temperature 0 ({len(ids)} held-out tasks)", t)
+        out.update(t)
+    return out
 
 
 def run_ppl(model, args) -> dict:
