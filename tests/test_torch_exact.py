@@ -311,9 +311,9 @@ def test_fused_step_thread_invariant(monkeypatch):
     from mtplx.backends.torch.model import check_thread_invariance
 
     monkeypatch.setattr(kernels, "PAR_MIN_BYTES", 1)
-    for kind in ("moe", "next"):
-        m = our_model(kind, torch.float32, kernel="fused")
-        assert check_thread_invariance(m, 2) == [], kind
+    for kind, dtype in (("moe", torch.float32), ("moe", torch.bfloat16), ("next", torch.float32)):
+        m = our_model(kind, dtype, kernel="fused")  # MoE: experts split across the threads
+        assert check_thread_invariance(m, 2) == [], (kind, dtype)
 
 
 def test_rowmm_bf16_dot_path_row_and_thread_invariant():

@@ -265,9 +265,13 @@ static inline void cols_dot(const at::BFloat16* x, int64_t Kp, int64_t K, const 
 
 static void run_cols_dot(const at::BFloat16* x, int64_t M, int64_t Kp, int64_t K, const at::BFloat16* w, float* y,
                          int64_t N, int64_t c0, int64_t c1) {
+  const int64_t block = 8 * K * 2;
+  const char* end = (const char*)(w + c1 * K);
   for (int64_t c = c0; c < c1; c += 8) {
     const int64_t nc = std::min<int64_t>(8, c1 - c);
     const at::BFloat16* wc = w + c * K;
+    const char* pf = (const char*)wc + PF_BLOCKS * block;  // as run_cols: short rows need it
+    for (int64_t o = 0; o < block && pf + o < end; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
     int64_t r = 0;
     for (; r + 4 <= M; r += 4) cols_dot<4, 4>(x + r * Kp, Kp, K, wc, y + r * N + c, N, nc);
     const int64_t left = M - r;

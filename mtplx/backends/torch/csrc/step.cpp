@@ -459,28 +459,22 @@ class Step {
       }
     }
     matmul(sact.data(), N, m.shared_down, shared.data(), kind_, par_);
-    std::vector<float> xe, gu, act, ye;
-    std::vector<int64_t> members;
-    for (int64_t e = 0; e < E; e++) {  // each expert over the rows that picked it
-      members.clear();
-      for (int64_t i = 0; i < N * k; i++) if (pick[i] == e) members.push_back(i);
-      if (members.empty()) continue;
-      const int64_t M = members.size();
-      xe.resize(M * H);
-      gu.resize(M * 2 * I);
-      act.resize(M * I);
-      ye.resize(M * H);
-      for (int64_t j = 0; j < M; j++) std::memcpy(&xe[j * H], h + (members[j] / k) * H, H * sizeof(float));
-      matmul(xe.data(), M, expert_mat(m.experts_gu, e), gu.data(), kind_, par_);
-      round_all(gu.data(), M * 2 * I, kind_);
-      for (int64_t j = 0; j < M; j++)
-        for (int64_t i = 0; i < I; i++) act[j * I + i] = round_to(silu_f(gu[j * 2 * I + i]) * gu[j * 2 * I + I + i], kind_);
-      matmul(act.data(), M, expert_mat(m.experts_down, e), ye.data(), kind_, par_);
-      for (int64_t j = 0; j < M; j++) {
-        const float w = wt[members[j]];
-        for (int64_t d = 0; d < H; d++) buf[members[j] * H + d] = ye[j * H + d] * w;
-      }
-    }
+    std::vector<std::vector<int64_t>> members(E);  // the (row, rank) slots that picked each expert
+    for (int64_t i = 0; i < N * k; i++) members[pick[i]].push_back(i);
+    std::vector<int64_t> active;
+    for (int64_t e = 0; e < E; e++) if (!members[e].empty()) active.push_back(e);
+    // Experts split across threads, each expert's matmuls on one thread (a thread split of its
+    // columns would fork twice per expert for a few tens of microseconds of work). An output
+    // slot is written by its expert alone and summed below in rank order: the split changes no bit.
+    auto run_experts = [&](int64_t a0, int64_t a1) {
+      std::vector<float> xe, gu, act, ye;
+      for (int64_t a = a0; a < a1; a++) expert_rows(m, active[a], members[active[a]], h, wt, buf, xe, gu, act, ye);
+    };
+    const int64_t expert_bytes = 3 * I * H * (int64_t)m.experts_gu.element_size();
+    if (at::get_num_threads() > 1 && active.size() > 1 && expert_bytes * (int64_t)active.size() >= par_)
+      at::parallel_for(0, active.size(), 1, run_experts);
+    else
+      run_experts(0, active.size());
     for (int64_t n = 0; n < N; n++) {
       const float sg = sigmoid_f(sgl[n]);
       for (int64_t d = 0; d < H; d++) {
@@ -488,6 +482,27 @@ class Step {
         for (int64_t j = 1; j < k; j++) acc += buf[(n * k + j) * H + d];
         out[n * H + d] = round_to(acc + sg * shared[n * H + d], kind_);
       }
+    }
+  }
+
+  // expert e over the rows of its slots: buf[slot] = routing weight * expert(h[row])
+  void expert_rows(const MlpW& m, int64_t e, const std::vector<int64_t>& slots, const float* h,
+                   const std::vector<float>& wt, std::vector<float>& buf, std::vector<float>& xe,
+                   std::vector<float>& gu, std::vector<float>& act, std::vector<float>& ye) {
+    const int64_t H = H_, I = m.I, k = m.topk, M = slots.size();
+    xe.resize(M * H);
+    gu.resize(M * 2 * I);
+    act.resize(M * I);
+    ye.resize(M * H);
+    for (int64_t j = 0; j < M; j++) std::memcpy(&xe[j * H], h + (slots[j] / k) * H, H * sizeof(float));
+    matmul(xe.data(), M, expert_mat(m.experts_gu, e), gu.data(), kind_, par_);
+    round_all(gu.data(), M * 2 * I, kind_);
+    for (int64_t j = 0; j < M; j++)
+      for (int64_t i = 0; i < I; i++) act[j * I + i] = round_to(silu_f(gu[j * 2 * I + i]) * gu[j * 2 * I + I + i], kind_);
+    matmul(act.data(), M, expert_mat(m.experts_down, e), ye.data(), kind_, par_);
+    for (int64_t j = 0; j < M; j++) {
+      const float w = wt[slots[j]];
+      for (int64_t d = 0; d < H; d++) buf[slots[j] * H + d] = ye[j * H + d] * w;
     }
   }
 
