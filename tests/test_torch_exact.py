@@ -488,3 +488,42 @@ def test_exact_ew_rows_invariant(dtype, width):
         for i in range(7):
             assert torch.equal(exact_ew(fn, x[i:i + 1])[0], full[i])
         assert torch.allclose(full.float(), fn(x).float(), atol=1e-2, rtol=1e-2)
+
+
+def test_attend_rows_gqa_groups_and_threads_change_no_bit():
+    """The attention kernel runs the query heads of one KV head together (each K / V row read once
+    for the group): every head gets the bits it gets alone (the same cache with its KV head
+    repeated, so no grouping), whatever the row count, the context length or the threads; head
+    dims that are not a multiple of the vector lanes take the per-head path. Close to softmax
+    attention in fp32."""
+    if not rowmm_available():
+        pytest.skip("no fixed-order kernel on this CPU / without a compiler")
+    from mtplx.backends.torch import kernels
+
+    attend = kernels.get_fused().attend_rows
+    g = torch.Generator().manual_seed(11)
+    prev = torch.get_num_threads()
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            for hd, nh, nkv in ((64, 4, 1), (32, 8, 1), (128, 8, 2), (256, 8, 2), (64, 6, 2), (80, 4, 2)):
+                pos0, T = 700, 5
+                K = torch.randn(nkv, pos0 + T + 2, hd, generator=g).to(dtype)
+                V = torch.randn(nkv, pos0 + T + 2, hd, generator=g).to(dtype)
+                q = torch.randn(T, nh, hd, generator=g)
+                torch.set_num_threads(1)
+                y = attend(q, K, V, pos0, hd ** -0.5)  # [T, nh * hd]
+                rep = nh // nkv
+                alone = attend(q, K.repeat_interleave(rep, 0).contiguous(), V.repeat_interleave(rep, 0).contiguous(),
+                               pos0, hd ** -0.5)
+                assert torch.equal(y, alone), (dtype, hd, nh, nkv)
+                for t in range(T):  # a row alone == the row in the batch
+                    assert torch.equal(attend(q[t:t + 1], K, V, pos0 + t, hd ** -0.5)[0], y[t]), (hd, t)
+                torch.set_num_threads(2)
+                assert torch.equal(attend(q, K, V, pos0, hd ** -0.5), y)
+                kf, vf = K.float().repeat_interleave(rep, 0), V.float().repeat_interleave(rep, 0)
+                for t in range(T):
+                    s = torch.einsum("hd,hkd->hk", q[t], kf[:, :pos0 + t + 1]) * hd ** -0.5
+                    ref = torch.einsum("hk,hkd->hd", torch.softmax(s, -1), vf[:, :pos0 + t + 1]).reshape(-1)
+                    assert torch.allclose(y[t].float(), ref, atol=1e-4, rtol=1e-4), (dtype, hd, t)
+    finally:
+        torch.set_num_threads(prev)

@@ -13,6 +13,7 @@ typedef __m512 V;
 #define NB3 4
 static inline V vzero() { return _mm512_setzero_ps(); }
 static inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+static inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
 static inline V ldx(const float* p) { return _mm512_loadu_ps(p); }
 static inline V vset(float v) { return _mm512_set1_ps(v); }
 static inline void vst(float* p, V v) { _mm512_storeu_ps(p, v); }
@@ -39,6 +40,7 @@ typedef __m256 V;
 #define NB3 2
 static inline V vzero() { return _mm256_setzero_ps(); }
 static inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+static inline V vmul(V a, V b) { return _mm256_mul_ps(a, b); }
 static inline V ldx(const float* p) { return _mm256_loadu_ps(p); }
 static inline V vset(float v) { return _mm256_set1_ps(v); }
 static inline void vst(float* p, V v) { _mm256_storeu_ps(p, v); }
@@ -493,22 +495,102 @@ static void attend_one(const float* q, const KV* Kc, const KV* Vc, int64_t n_key
   for (int64_t d = 0; d < hd; d++) out[d] *= inv;
 }
 
+// The G query heads h0.. of one KV head at one row, hd = NV x LANES: attend_one's arithmetic for
+// each head (the same FMAs in the same order, so the same bits), with each K and V row loaded once
+// for the G heads and the weighted sum of values kept in registers instead of memory.
+template <typename KV, int NV, int G>
+static void attend_group(const float* q, const KV* Kc, const KV* Vc, int64_t n_keys, float scale, float* out,
+                         std::vector<float>& sc) {
+  constexpr int64_t hd = NV * LANES;
+  sc.resize(G * n_keys);
+  float mx[G], sum[G];
+  for (int h = 0; h < G; h++) { mx[h] = -INFINITY; sum[h] = 0.0f; }
+  for (int64_t j = 0; j < n_keys; j++) {
+    const KV* kr = Kc + j * hd;
+    V kv[NV];
+    for (int i = 0; i < NV; i++) kv[i] = ldw(kr + i * LANES);
+    for (int h = 0; h < G; h++) {
+      V acc = vzero();
+      for (int i = 0; i < NV; i++) acc = vfma(kv[i], ldx(q + h * hd + i * LANES), acc);
+      const float v = hsum(acc) * scale;
+      sc[h * n_keys + j] = v;
+      mx[h] = std::max(mx[h], v);
+    }
+  }
+  for (int h = 0; h < G; h++) {
+    float* w = &sc[h * n_keys];
+    for (int64_t j = 0; j < n_keys; j++) { w[j] = std::exp(w[j] - mx[h]); sum[h] += w[j]; }
+  }
+  // the weighted values in slices of SL vectors, G x SL accumulators in registers
+  constexpr int SL = G * NV <= 16 ? NV : 16 / G;
+  for (int i0 = 0; i0 < NV; i0 += SL) {
+    V acc[G][SL];
+    for (int h = 0; h < G; h++) for (int i = 0; i < SL; i++) acc[h][i] = vzero();
+    for (int64_t j = 0; j < n_keys; j++) {  // keys in order, one FMA each
+      const KV* vr = Vc + j * hd + i0 * LANES;
+      for (int i = 0; i < SL; i++) {
+        const V vv = ldw(vr + i * LANES);
+        for (int h = 0; h < G; h++) acc[h][i] = vfma(vv, vset(sc[h * n_keys + j]), acc[h][i]);
+      }
+    }
+    for (int h = 0; h < G; h++) {
+      const V inv = vset(1.0f / sum[h]);
+      for (int i = 0; i < SL; i++) vst(out + h * hd + (i0 + i) * LANES, vmul(acc[h][i], inv));
+    }
+  }
+}
+
+template <typename KV>
+using GroupFn = void (*)(const float*, const KV*, const KV*, int64_t, float, float*, std::vector<float>&);
+
+template <typename KV, int NV>
+static GroupFn<KV> group_fn_nv(int64_t G) {
+  if (G == 8) return attend_group<KV, NV, 8>;
+  if (G == 4) return attend_group<KV, NV, 4>;
+  if (G == 2) return attend_group<KV, NV, 2>;
+  return attend_group<KV, NV, 1>;
+}
+
+// the grouped kernel for this head dim and GQA group g, and its block of G heads (the largest of
+// 8 / 4 / 2 that divides g; 1 otherwise); nullptr: attend_one (hd not a multiple of the lanes,
+// or over 16 of them)
+template <typename KV>
+static GroupFn<KV> group_fn(int64_t hd, int64_t g, int64_t& G) {
+  G = 1;
+  if (hd % LANES) return nullptr;
+  for (int64_t c : {8, 4, 2})
+    if (g % c == 0) { G = c; break; }
+  switch (hd / LANES) {
+    case 1: return group_fn_nv<KV, 1>(G);
+    case 2: return group_fn_nv<KV, 2>(G);
+    case 4: return group_fn_nv<KV, 4>(G);
+    case 8: return group_fn_nv<KV, 8>(G);
+    case 16: return group_fn_nv<KV, 16>(G);
+    default: G = 1; return nullptr;
+  }
+}
+
 template <typename KV>
 static void attend_all(const float* q, const KV* Kc, const KV* Vc, float* o, int64_t T, int64_t nh, int64_t nkv,
                        int64_t hd, int64_t cap, int64_t pos0, float scale) {
-  const int64_t g = nh / nkv, pairs = T * nh;
-  const int64_t work = (pos0 + T) * hd;  // key-dims per pair, about
+  const int64_t g = nh / nkv;
+  int64_t G = 1;
+  GroupFn<KV> grouped = group_fn<KV>(hd, g, G);
+  const int64_t units = T * (nh / G);  // (row, block of G heads of one KV head)
+  const int64_t work = (pos0 + T) * hd * G;  // key-dims per unit, about
   const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(work, 1));
   auto body = [&](int64_t b0, int64_t b1) {
     std::vector<float> sc;
-    for (int64_t pi = b0; pi < b1; pi++) {
-      const int64_t t = pi / nh, h = pi % nh, kv = h / g;
-      attend_one<KV>(q + (t * nh + h) * hd, Kc + kv * cap * hd, Vc + kv * cap * hd, pos0 + t + 1, hd, scale,
-                     o + (t * nh + h) * hd, sc);
+    for (int64_t u = b0; u < b1; u++) {
+      const int64_t t = u / (nh / G), h = (u % (nh / G)) * G, kv = h / g;
+      const float* qh = q + (t * nh + h) * hd;
+      float* oh = o + (t * nh + h) * hd;
+      if (grouped) grouped(qh, Kc + kv * cap * hd, Vc + kv * cap * hd, pos0 + t + 1, scale, oh, sc);
+      else attend_one<KV>(qh, Kc + kv * cap * hd, Vc + kv * cap * hd, pos0 + t + 1, hd, scale, oh, sc);
     }
   };
-  if (pairs <= grain || at::get_num_threads() == 1) body(0, pairs);
-  else at::parallel_for(0, pairs, grain, body);
+  if (units <= grain || at::get_num_threads() == 1) body(0, units);
+  else at::parallel_for(0, units, grain, body);
 }
 
 torch::Tensor attend_rows(torch::Tensor q, torch::Tensor K, torch::Tensor Vt, int64_t pos0, double scale) {
