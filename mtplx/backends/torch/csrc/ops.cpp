@@ -162,6 +162,14 @@ static inline void cols(const float* x, int64_t Kp, int64_t K, const W* w, float
 #define PF_BLOCKS 2
 #endif
 
+// A short weight row (K of a few hundred) is too short a stream for the hardware prefetcher to
+// pick up: ask for the column block PF_BLOCKS ahead of `block_start` while this one is computed
+// (decode is memory-bound). Used by both weight loops (run_cols, run_cols_dot).
+static inline void prefetch_ahead(const char* block_start, int64_t block, const char* end) {
+  const char* pf = block_start + PF_BLOCKS * block;
+  for (int64_t o = 0; o < block && pf + o < end; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
+}
+
 // Columns [c0, c1) for all M rows, 8 columns at a time: the 8 weight rows stay in cache while
 // every row group passes over them.
 template <typename W>
@@ -173,10 +181,7 @@ static void run_cols(const float* x, int64_t M, int64_t Kp, int64_t K, const W* 
     const int64_t nc = std::min<int64_t>(8, c1 - c);
     const W* wc = w + c * K;
     const float* sc = scale ? scale + c : nullptr;
-    // a short row (K of a few hundred) is too short a stream for the hardware prefetcher to pick
-    // up: ask for the block PF_BLOCKS ahead while this one is computed (decode is memory-bound)
-    const char* pf = (const char*)wc + PF_BLOCKS * block;
-    for (int64_t o = 0; o < block && pf + o < end; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
+    prefetch_ahead((const char*)wc, block, end);
     int64_t r = 0;
     for (; r + 4 <= M; r += 4) cols<W, NB4, 4>(x + r * Kp, Kp, K, wc, y + r * N + c, N, sc, nc);
     const int64_t left = M - r;
@@ -272,8 +277,7 @@ static void run_cols_dot(const at::BFloat16* x, int64_t M, int64_t Kp, int64_t K
   for (int64_t c = c0; c < c1; c += 8) {
     const int64_t nc = std::min<int64_t>(8, c1 - c);
     const at::BFloat16* wc = w + c * K;
-    const char* pf = (const char*)wc + PF_BLOCKS * block;  // as run_cols: short rows need it
-    for (int64_t o = 0; o < block && pf + o < end; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
+    prefetch_ahead((const char*)wc, block, end);
     int64_t r = 0;
     for (; r + 4 <= M; r += 4) cols_dot<4, 4>(x + r * Kp, Kp, K, wc, y + r * N + c, N, nc);
     const int64_t left = M - r;
