@@ -527,3 +527,33 @@ def test_attend_rows_gqa_groups_and_threads_change_no_bit():
                     assert torch.allclose(y[t].float(), ref, atol=1e-4, rtol=1e-4), (dtype, hd, t)
     finally:
         torch.set_num_threads(prev)
+
+
+def test_attend_rows_softmax_weights_underflow_and_nan():
+    """The vectorized softmax weights: a key whose score is more than 87 below the best one weighs
+    exactly 0 (one dominant key returns its value row bit for bit), every context length (the
+    partial last vector of keys included) stays close to fp32 softmax, and a NaN score gives NaN,
+    never a silently finite output."""
+    if not rowmm_available():
+        pytest.skip("no fixed-order kernel on this CPU / without a compiler")
+    from mtplx.backends.torch import kernels
+
+    attend = kernels.get_fused().attend_rows
+    g = torch.Generator().manual_seed(5)
+    hd, nh = 64, 4
+    for n in (1, 7, 16, 17, 33, 250):
+        K = torch.randn(1, n, hd, generator=g)
+        V = torch.randn(1, n, hd, generator=g)
+        q = torch.randn(1, nh, hd, generator=g)
+        y = attend(q, K, V, n - 1, hd ** -0.5)[0].view(nh, hd)
+        s = torch.einsum("hd,kd->hk", q[0], K[0]) * hd ** -0.5
+        ref = torch.softmax(s, -1) @ V[0]
+        assert torch.allclose(y, ref, atol=1e-5, rtol=1e-5), n
+        big = K.clone()
+        big[0, n // 2] = q[0, 0] * 1e3  # head 0: this key's score is far above every other one
+        y = attend(q, big, V, n - 1, hd ** -0.5)[0].view(nh, hd)
+        assert torch.equal(y[0], V[0, n // 2]), n
+        qn = q.clone()
+        qn[0, 1, 3] = float("nan")
+        y = attend(qn, K, V, n - 1, hd ** -0.5)[0].view(nh, hd)
+        assert torch.isnan(y[1]).all() and not torch.isnan(y[0]).any(), n

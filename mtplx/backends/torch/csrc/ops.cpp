@@ -33,6 +33,15 @@ static inline V ldw_even(const at::BFloat16* p) {
 static inline V ldw_odd(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512((const void*)p), _mm512_set1_epi32((int)0xFFFF0000u)));
 }
+static inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
+static inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }
+static inline V vsub(V a, V b) { return _mm512_sub_ps(a, b); }
+static inline V vround(V a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline V vscale2(V y, V n) {  // y * 2^n for integral n, by adding n to the exponent
+  return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(y), _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23)));
+}
+static inline V vzero_below(V y, V x, V lo) { return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), y, vzero()); }
+static inline V vkeep_nan(V y, V x) { return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), y, x); }
 #else
 typedef __m256 V;
 #define LANES 8
@@ -58,6 +67,15 @@ static inline V ldw_even(const at::BFloat16* p) {
 static inline V ldw_odd(const at::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256((const __m256i*)p), _mm256_set1_epi32((int)0xFFFF0000u)));
 }
+static inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
+static inline V vmax(V a, V b) { return _mm256_max_ps(a, b); }
+static inline V vsub(V a, V b) { return _mm256_sub_ps(a, b); }
+static inline V vround(V a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline V vscale2(V y, V n) {
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(y), _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23)));
+}
+static inline V vzero_below(V y, V x, V lo) { return _mm256_blendv_ps(y, vzero(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ)); }
+static inline V vkeep_nan(V y, V x) { return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)); }
 #endif
 
 static inline float hsum(V v) {
@@ -66,6 +84,47 @@ static inline float hsum(V v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+// out[i] = hsum(v[i]) for N accumulators at once, by a transposing reduction: each step adds the
+// same pairs of lanes as hsum's step (lane i + lane i + LANES/2, then + 4, + 2, + 1), for several
+// accumulators in one instruction, so every sum is bit-identical to hsum's. On a short dot product
+// (K of a few hundred) the N separate hsums were a third of a tile's instructions.
+static inline V pair_halves(V x, V y) {  // lanes i + i + LANES/2: x's sums, then y's
+#if defined(MTPLX_AVX512)
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE));
+#else
+  return _mm256_add_ps(_mm256_permute2f128_ps(x, y, 0x20), _mm256_permute2f128_ps(x, y, 0x31));
+#endif
+}
+#if defined(MTPLX_AVX512)
+static inline V pair_quarters(V x, V y) {  // within each half: 128-bit quarter 0 + quarter 1
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xDD));
+}
+static inline V pair_2(V x, V y) { return _mm512_add_ps(_mm512_shuffle_ps(x, y, 0x44), _mm512_shuffle_ps(x, y, 0xEE)); }
+static inline V pair_1(V x, V y) { return _mm512_add_ps(_mm512_shuffle_ps(x, y, 0x88), _mm512_shuffle_ps(x, y, 0xDD)); }
+#else
+static inline V pair_2(V x, V y) { return _mm256_add_ps(_mm256_shuffle_ps(x, y, 0x44), _mm256_shuffle_ps(x, y, 0xEE)); }
+static inline V pair_1(V x, V y) { return _mm256_add_ps(_mm256_shuffle_ps(x, y, 0x88), _mm256_shuffle_ps(x, y, 0xDD)); }
+#endif
+
+template <int N>
+static inline void hsum_n(const V* v, float* out) {
+  static_assert(N >= 1 && N <= LANES, "hsum_n: at most LANES accumulators");
+  constexpr int Q = LANES / 4;  // 128-bit quarters
+  V a[LANES / 2], c[2];
+  for (int j = 0; j < (N + 1) / 2; j++) a[j] = pair_halves(v[2 * j], 2 * j + 1 < N ? v[2 * j + 1] : vzero());
+#if defined(MTPLX_AVX512)
+  V b[4];  // b[m], quarter q: the 4-lane sums of v[4m + q]
+  for (int m = 0; m < (N + 3) / 4; m++) b[m] = pair_quarters(a[2 * m], 4 * m + 2 < N ? a[2 * m + 1] : vzero());
+#else
+  V* b = a;  // b[m], half q: the 4-lane sums of v[2m + q]
+#endif
+  constexpr int NB = (N + Q - 1) / Q, NC = (NB + 1) / 2;
+  for (int p = 0; p < NC; p++) c[p] = pair_2(b[2 * p], 2 * p + 1 < NB ? b[2 * p + 1] : vzero());
+  alignas(64) float t[LANES];
+  vst(t, pair_1(c[0], NC > 1 ? c[1] : vzero()));  // lane 4q + i: the sum of v[q + Q * i]
+  for (int i = 0; i < N; i++) out[i] = t[(i % Q) * 4 + i / Q];
 }
 
 // K is consumed in chunks of CHUNK<W> values: LANES, or 2 x LANES for bf16 weights, whose chunk is
@@ -120,11 +179,10 @@ static inline void tile(const float* x, int64_t Kp, int64_t K, const W* w, float
     }
     chunk_fma<W, NB, R>(x, Kp, Km, bj, 0, acc);
   }
+  float s[NB * R];
+  hsum_n<NB * R>(&acc[0][0], s);
   for (int j = 0; j < NB; j++)
-    for (int r = 0; r < R; r++) {
-      float s = hsum(acc[j][r]);
-      y[r * ldy + j] = scale ? s * scale[j] : s;
-    }
+    for (int r = 0; r < R; r++) y[r * ldy + j] = scale ? s[j * R + r] * scale[j] : s[j * R + r];
 }
 
 // x [M, K] -> the layout tile<W> reads: rows zero-padded to Kp (a whole number of chunks); for
@@ -259,7 +317,9 @@ static inline void tile_dot(const at::BFloat16* x, int64_t Kp, int64_t K, const 
       for (int r = 0; r < R; r++) acc[j][r] = _mm512_dpbf16_ps(acc[j][r], wv, xv[r]);
     }
   }
-  for (int j = 0; j < NB; j++) for (int r = 0; r < R; r++) y[r * ldy + j] = hsum(acc[j][r]);
+  float s[NB * R];
+  hsum_n<NB * R>(&acc[0][0], s);
+  for (int j = 0; j < NB; j++) for (int r = 0; r < R; r++) y[r * ldy + j] = s[j * R + r];
 }
 
 template <int NB, int R>
@@ -464,11 +524,53 @@ torch::Tensor moe_act(torch::Tensor y, int64_t E, int64_t I, int64_t Is, int64_t
   return act.to(out_dtype);
 }
 
+// exp(x) for x <= 0 (softmax weights): x = n ln2 + r with |r| <= ln2 / 2, Cephes' expf polynomial
+// for e^r (within 2 ulp of libm's expf), times 2^n; 0 below -87 (e^-87 is 1.6e-38, the bottom of
+// the normal floats), NaN stays NaN. Elementwise, so a key's weight is the same whatever keys,
+// rows or threads surround it; one vector instead of a libm call per key (15% of a 16k-context step).
+static inline V vexp_neg(V x) {
+  const V lo = vset(-87.0f);
+  const V xc = vmax(x, lo);
+  const V n = vround(vmul(xc, vset(1.44269504088896341f)));
+  V r = vfma(n, vset(-0.693359375f), xc);
+  r = vfma(n, vset(2.12194440e-4f), r);
+  V p = vset(1.9875691500e-4f);
+  p = vfma(p, r, vset(1.3981999507e-3f));
+  p = vfma(p, r, vset(8.3334519073e-3f));
+  p = vfma(p, r, vset(4.1665795894e-2f));
+  p = vfma(p, r, vset(1.6666665459e-1f));
+  p = vfma(p, r, vset(5.0000001201e-1f));
+  const V y = vadd(vfma(p, vmul(r, r), r), vset(1.0f));
+  return vkeep_nan(vzero_below(vscale2(y, n), x, lo), x);
+}
+
+// w[j] = exp(w[j] - mx) for j < n -> their sum: lane-wise partial sums in key order, then hsum;
+// a last partial vector is padded with -inf (weight 0). A function of (w, n, mx) alone.
+static float exp_weights(float* w, int64_t n, float mx) {
+  const V m = vset(mx);
+  V sum = vzero();
+  int64_t j = 0;
+  for (; j + LANES <= n; j += LANES) {
+    const V e = vexp_neg(vsub(ldx(w + j), m));
+    vst(w + j, e);
+    sum = vadd(sum, e);
+  }
+  if (j < n) {
+    alignas(64) float t[LANES];
+    for (int i = 0; i < LANES; i++) t[i] = j + i < n ? w[j + i] : -INFINITY;
+    const V e = vexp_neg(vsub(ldx(t), m));
+    vst(t, e);
+    sum = vadd(sum, e);
+    for (int64_t i = 0; j + i < n; i++) w[j + i] = t[i];
+  }
+  return hsum(sum);
+}
+
 // ---- attention of few query rows over a KV cache (the exact path's decode / verify) ----
 // q [T, nh, hd] at positions pos0.., K / V [nkv, cap, hd] -> o [T, nh * hd] (fp32). Row t, head h
 // attends to keys 0..pos0+t of KV head h / (nh / nkv): scores by L-lane FMAs over hd and a fixed
-// horizontal sum, max, exp, the sum of weights in key order, then the weighted values in key
-// order. Each (t, h) is computed on its own, so the rows of a verify equal one-token decodes.
+// horizontal sum, max, exp (vexp_neg), the sum of weights (exp_weights), then the weighted
+// values in key order. Each (t, h) is computed on its own, so the rows of a verify equal one-token decodes.
 template <typename KV>
 static void attend_one(const float* q, const KV* Kc, const KV* Vc, int64_t n_keys, int64_t hd, float scale,
                        float* out, std::vector<float>& sc) {
@@ -485,8 +587,7 @@ static void attend_one(const float* q, const KV* Kc, const KV* Vc, int64_t n_key
     sc[j] = s;
     mx = std::max(mx, s);
   }
-  float sum = 0.0f;
-  for (int64_t j = 0; j < n_keys; j++) { sc[j] = std::exp(sc[j] - mx); sum += sc[j]; }
+  const float sum = exp_weights(sc.data(), n_keys, mx);
   for (int64_t d = 0; d < hd; d++) out[d] = 0.0f;
   for (int64_t j = 0; j < n_keys; j++) {  // out[d] += w_j * v_j[d], keys in order, one FMA each
     const KV* vr = Vc + j * hd;
@@ -521,10 +622,7 @@ static void attend_group(const float* q, const KV* Kc, const KV* Vc, int64_t n_k
       mx[h] = std::max(mx[h], v);
     }
   }
-  for (int h = 0; h < G; h++) {
-    float* w = &sc[h * n_keys];
-    for (int64_t j = 0; j < n_keys; j++) { w[j] = std::exp(w[j] - mx[h]); sum[h] += w[j]; }
-  }
+  for (int h = 0; h < G; h++) sum[h] = exp_weights(&sc[h * n_keys], n_keys, mx[h]);
   // the weighted values in slices of SL vectors, G x SL accumulators in registers
   constexpr int SL = G * NV <= 16 ? NV : 16 / G;
   for (int i0 = 0; i0 < NV; i0 += SL) {
