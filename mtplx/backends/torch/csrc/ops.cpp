@@ -86,47 +86,6 @@ static inline float hsum(V v) {
   return _mm_cvtss_f32(s);
 }
 
-// out[i] = hsum(v[i]) for N accumulators at once, by a transposing reduction: each step adds the
-// same pairs of lanes as hsum's step (lane i + lane i + LANES/2, then + 4, + 2, + 1), for several
-// accumulators in one instruction, so every sum is bit-identical to hsum's. On a short dot product
-// (K of a few hundred) the N separate hsums were a third of a tile's instructions.
-static inline V pair_halves(V x, V y) {  // lanes i + i + LANES/2: x's sums, then y's
-#if defined(MTPLX_AVX512)
-  return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE));
-#else
-  return _mm256_add_ps(_mm256_permute2f128_ps(x, y, 0x20), _mm256_permute2f128_ps(x, y, 0x31));
-#endif
-}
-#if defined(MTPLX_AVX512)
-static inline V pair_quarters(V x, V y) {  // within each half: 128-bit quarter 0 + quarter 1
-  return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xDD));
-}
-static inline V pair_2(V x, V y) { return _mm512_add_ps(_mm512_shuffle_ps(x, y, 0x44), _mm512_shuffle_ps(x, y, 0xEE)); }
-static inline V pair_1(V x, V y) { return _mm512_add_ps(_mm512_shuffle_ps(x, y, 0x88), _mm512_shuffle_ps(x, y, 0xDD)); }
-#else
-static inline V pair_2(V x, V y) { return _mm256_add_ps(_mm256_shuffle_ps(x, y, 0x44), _mm256_shuffle_ps(x, y, 0xEE)); }
-static inline V pair_1(V x, V y) { return _mm256_add_ps(_mm256_shuffle_ps(x, y, 0x88), _mm256_shuffle_ps(x, y, 0xDD)); }
-#endif
-
-template <int N>
-static inline void hsum_n(const V* v, float* out) {
-  static_assert(N >= 1 && N <= LANES, "hsum_n: at most LANES accumulators");
-  constexpr int Q = LANES / 4;  // 128-bit quarters
-  V a[LANES / 2], c[2];
-  for (int j = 0; j < (N + 1) / 2; j++) a[j] = pair_halves(v[2 * j], 2 * j + 1 < N ? v[2 * j + 1] : vzero());
-#if defined(MTPLX_AVX512)
-  V b[4];  // b[m], quarter q: the 4-lane sums of v[4m + q]
-  for (int m = 0; m < (N + 3) / 4; m++) b[m] = pair_quarters(a[2 * m], 4 * m + 2 < N ? a[2 * m + 1] : vzero());
-#else
-  V* b = a;  // b[m], half q: the 4-lane sums of v[2m + q]
-#endif
-  constexpr int NB = (N + Q - 1) / Q, NC = (NB + 1) / 2;
-  for (int p = 0; p < NC; p++) c[p] = pair_2(b[2 * p], 2 * p + 1 < NB ? b[2 * p + 1] : vzero());
-  alignas(64) float t[LANES];
-  vst(t, pair_1(c[0], NC > 1 ? c[1] : vzero()));  // lane 4q + i: the sum of v[q + Q * i]
-  for (int i = 0; i < N; i++) out[i] = t[(i % Q) * 4 + i / Q];
-}
-
 // K is consumed in chunks of CHUNK<W> values: LANES, or 2 x LANES for bf16 weights, whose chunk is
 // loaded as its even-index and its odd-index values (ldw_even / ldw_odd), each FMA'd with the matching
 // half of x: run() lays x out that way (x_layout), each chunk's even values first.
@@ -179,10 +138,11 @@ static inline void tile(const float* x, int64_t Kp, int64_t K, const W* w, float
     }
     chunk_fma<W, NB, R>(x, Kp, Km, bj, 0, acc);
   }
-  float s[NB * R];
-  hsum_n<NB * R>(&acc[0][0], s);
   for (int j = 0; j < NB; j++)
-    for (int r = 0; r < R; r++) y[r * ldy + j] = scale ? s[j * R + r] * scale[j] : s[j * R + r];
+    for (int r = 0; r < R; r++) {
+      float s = hsum(acc[j][r]);
+      y[r * ldy + j] = scale ? s * scale[j] : s;
+    }
 }
 
 // x [M, K] -> the layout tile<W> reads: rows zero-padded to Kp (a whole number of chunks); for
@@ -317,9 +277,7 @@ static inline void tile_dot(const at::BFloat16* x, int64_t Kp, int64_t K, const 
       for (int r = 0; r < R; r++) acc[j][r] = _mm512_dpbf16_ps(acc[j][r], wv, xv[r]);
     }
   }
-  float s[NB * R];
-  hsum_n<NB * R>(&acc[0][0], s);
-  for (int j = 0; j < NB; j++) for (int r = 0; r < R; r++) y[r * ldy + j] = s[j * R + r];
+  for (int j = 0; j < NB; j++) for (int r = 0; r < R; r++) y[r * ldy + j] = hsum(acc[j][r]);
 }
 
 template <int NB, int R>
