@@ -10,8 +10,11 @@ the v1 pieces they used to be split into. `max_position_embeddings` becomes 6553
 1e7 on 16 of 64 attention dims; the GatedDeltaNet layers carry no positions).
 
 Each step is one of:
-- a mixed batch: --batch rows of --seq tokens; a row is a chat window starting at a chat
-  document's first token (probability --chat-share) or a window of stdlib code text;
+- a mixed batch: --batch rows of --seq tokens; a row is a chat window ending at a chat
+  document's last token, so the answer is always inside it (probability --chat-share), or a
+  window of stdlib code text. The loss of a chat row's prompt tokens (the tools block, the
+  request, and whatever came before the document) is weighted --prompt-weight, its answer 1;
+  code text weighs 1;
 - every --long-every steps, one long document (several files then a question; up to
   --long-seq tokens), so the attention layers see long inputs.
 """
@@ -32,23 +35,27 @@ import trunk  # noqa: E402
 from chats import ANSWER_SEP  # noqa: E402
 
 
-def _encode_docs(tok, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """-> token stream, each document's first index, whether each document has a tools block."""
+def _encode_docs(tok, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """-> token stream, each document's first index, whether each document has a tools block,
+    and per token whether it belongs to a document's answer (after ANSWER_SEP; its EOS included)."""
     eos = tok.token_to_id(common.EOS)
     docs = [d for d in text.split(common.EOS) if d.strip()]
     tools = np.asarray(["\n<tools>\n" in d for d in docs], dtype=bool)
-    ids, starts = [], []
+    ids, starts, answer = [], [], []
     for i in range(0, len(docs), 256):
         parts = [d.split(ANSWER_SEP) for d in docs[i:i + 256]]  # prompt and answer tokenized apart
         flat = tok.encode_batch([p for ps in parts for p in ps])
         j = 0
         for ps in parts:
             starts.append(len(ids))
-            for enc in flat[j:j + len(ps)]:
+            for k, enc in enumerate(flat[j:j + len(ps)]):
                 ids.extend(enc.ids)
+                answer.extend([k > 0] * len(enc.ids))
             j += len(ps)
             ids.append(eos)
-    return np.asarray(ids, dtype=np.uint16), np.asarray(starts, dtype=np.int64), tools
+            answer.append(len(ps) > 1)
+    return (np.asarray(ids, dtype=np.uint16), np.asarray(starts, dtype=np.int64), tools,
+            np.asarray(answer, dtype=bool))
 
 
 def cmd_tokenize(args) -> None:
@@ -58,8 +65,9 @@ def cmd_tokenize(args) -> None:
     out = {}
     for name, src in (("code", "train.txt"), ("code_heldout", "heldout.txt"), ("chat", "chat_train.txt"),
                       ("long", "chat_long.txt")):
-        ids, starts, tools = _encode_docs(tok, (args.work / src).read_text(encoding="utf-8"))
+        ids, starts, tools, answer = _encode_docs(tok, (args.work / src).read_text(encoding="utf-8"))
         np.save(args.work / f"{name}_v2_ids.npy", ids)
+        np.save(args.work / f"{name}_v2_answer.npy", answer)
         np.save(args.work / f"{name}_v2_starts.npy", starts)
         np.save(args.work / f"{name}_v2_tools.npy", tools)
         out[name] = {"tokens": int(ids.size), "docs": int(starts.size), "with_tools": int(tools.sum())}
@@ -116,25 +124,30 @@ class Mixer:
         self.rng = np.random.default_rng(args.seed + 2)
         self.code = np.load(work / "code_v2_ids.npy")
         self.chat = np.load(work / "chat_v2_ids.npy")
+        self.chat_answer = np.load(work / "chat_v2_answer.npy")
         starts = np.load(work / "chat_v2_starts.npy")
+        ends = np.append(starts[1:], self.chat.size)  # one past each document's EOS
+        ends = np.maximum(ends, args.seq + 1)
         tools = np.load(work / "chat_v2_tools.npy")
-        self.chat_starts = (starts[tools], starts[~tools])  # documents with / without a tools block
+        self.chat_ends = (ends[tools], ends[~tools])  # documents with / without a tools block
         self.long = np.load(work / "long_v2_ids.npy")
         self.long_starts = np.load(work / "long_v2_starts.npy")
         self.args = args
 
-    def mixed(self) -> np.ndarray:
-        a, rows = self.args, []
+    def mixed(self) -> tuple[np.ndarray, np.ndarray]:
+        """-> token rows [batch, seq + 1], loss weights of their targets [batch, seq]."""
+        a, rows, weights = self.args, [], []
         for _ in range(a.batch):
             if self.rng.random() < a.chat_share:
-                pool = self.chat_starts[0 if self.rng.random() < a.tool_share else 1]
-                s = int(pool[self.rng.integers(0, pool.size)])
-                s = min(s, self.chat.size - a.seq - 1)
-                rows.append(self.chat[s:s + a.seq + 1])
+                pool = self.chat_ends[0 if self.rng.random() < a.tool_share else 1]
+                e = int(pool[self.rng.integers(0, pool.size)])
+                rows.append(self.chat[e - a.seq - 1:e])
+                weights.append(np.where(self.chat_answer[e - a.seq:e], 1.0, a.prompt_weight))
             else:
                 s = int(self.rng.integers(0, self.code.size - a.seq - 1))
                 rows.append(self.code[s:s + a.seq + 1])
-        return np.stack(rows).astype(np.int64)
+                weights.append(np.ones(a.seq))
+        return np.stack(rows).astype(np.int64), np.stack(weights).astype(np.float32)
 
     def long_doc(self) -> np.ndarray:
         i = int(self.rng.integers(0, self.long_starts.size))
@@ -159,7 +172,7 @@ def cmd_train(args) -> None:
     before = trunk.evaluate(model, held_code, 256)
     log.write(json.dumps({"step": 0, "heldout_code_ce": round(before, 4)}) + "\n")
     meta = {"init": str(args.init), "seed": args.seed, "batch": args.batch, "seq": args.seq,
-            "chat_share": args.chat_share, "tool_share": args.tool_share, "long_every": args.long_every, "long_seq": args.long_seq,
+            "chat_share": args.chat_share, "tool_share": args.tool_share, "prompt_weight": args.prompt_weight, "long_every": args.long_every, "long_seq": args.long_seq,
             "lr": args.lr, "minutes": args.minutes, "steps_cap": args.steps, "params": trunk.param_count(model),
             "heldout_code_ce_v1": before}
     t_start = time.time()
@@ -171,8 +184,9 @@ def cmd_train(args) -> None:
             break
         lr = trunk.lr_at(int(frac * 10_000), 10_000, args.lr, 300)
         is_long = args.long_every and step % args.long_every == args.long_every - 1
-        x = torch.from_numpy(mix.long_doc() if is_long else mix.mixed())
-        ce, aux = trunk.train_step(model, opt, x, lr)
+        x, w = (mix.long_doc(), None) if is_long else mix.mixed()
+        x, w = torch.from_numpy(x), None if w is None else torch.from_numpy(w)
+        ce, aux = trunk.train_step(model, opt, x, lr, w)
         tokens += x.numel()
         if not is_long:
             ema = ce if ema is None else 0.98 * ema + 0.02 * ce
@@ -203,11 +217,13 @@ def main():
                     help="folder with the v1 backbone's model.safetensors (the v1 recipe's trunk/, or the v1 asset)")
     ap.add_argument("--seed", type=int, default=common.SEED)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--seq", type=int, default=768)
     ap.add_argument("--out", type=Path, default=common.WORK_DIR / "trunk_v2")
     ap.add_argument("--chat-share", type=float, default=0.6, help="rows from the chats (the rest: code text)")
     ap.add_argument("--tool-share", type=float, default=0.72,
                     help="of the chat rows, the share from documents with a tools block")
+    ap.add_argument("--prompt-weight", type=float, default=0.3,
+                    help="loss weight of a chat row's tokens before its answer (the answer's weigh 1)")
     ap.add_argument("--long-every", type=int, default=20)
     ap.add_argument("--long-seq", type=int, default=16384)
     ap.add_argument("--lr", type=float, default=1e-3)

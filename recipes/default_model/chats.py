@@ -26,7 +26,9 @@ import ast
 import json
 import random
 import sys
+import re
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -116,6 +118,43 @@ SMALL_TALK = [
                          "the tools you give me."),
     ("Say hello in one word.", "Hello."),
 ]
+
+
+
+@dataclass
+class WidePools:
+    """Training-only pools far wider than the lists above, so that a tool's name, its parameter
+    names and its string values can only be got right by copying them from the prompt: verb_noun
+    pairs split from stdlib function names, stdlib argument names, and the words of those names."""
+    pairs: list[tuple[str, str]]
+    params: list[str]
+    values: list[str]
+    share: float = 0.6  # of the training tools, the share named from `pairs`
+
+
+def wide_pools(root: Path) -> WidePools:
+    from corpus import iter_stdlib_files
+
+    held = set(HELD_OUT_VERBS) | {w for n in HELD_OUT_NOUNS for w in n.split("_")}
+    pairs, params = set(), {}
+    for rel, text in iter_stdlib_files(root):
+        if rel.startswith("test/") or common.is_held_out(rel):
+            continue
+        try:
+            tree = ast.parse(text)
+        except (SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            if re.fullmatch(r"[a-z]{3,10}_[a-z]{3,12}(_[a-z]{3,12})?", node.name) and not held & set(node.name.split("_")):
+                verb, noun = node.name.split("_", 1)
+                pairs.add((verb, noun))
+            for a in node.args.args + node.args.kwonlyargs:
+                if re.fullmatch(r"[a-z]{3,12}(_[a-z]{3,10})?", a.arg) and a.arg not in ("self", "cls"):
+                    params[a.arg] = params.get(a.arg, 0) + 1
+    values = sorted({w for v, n in pairs for w in [v, *n.split("_")]})
+    return WidePools(sorted(pairs), sorted(a for a, c in params.items() if c >= 3 and a not in held), values)
 
 
 # ---- stdlib functions and topics -------------------------------------------------------------
@@ -213,14 +252,16 @@ def tool_name(rng: random.Random, verb: str, noun: str) -> str:
     return f"{verb}_{noun}"
 
 
-def make_param(rng: random.Random, taken: set[str]) -> dict:
+def make_param(rng: random.Random, taken: set[str], wide: WidePools | None) -> dict:
     kind = rng.choices(["string", "integer", "number", "boolean"], weights=[5, 3, 2, 1.5])[0]
     pool = {"string": STRING_PARAMS, "integer": INT_PARAMS, "number": NUMBER_PARAMS, "boolean": BOOL_PARAMS}[kind]
+    if wide and rng.random() < 0.4:
+        pool = wide.params
     name = rng.choice([p for p in pool if p not in taken])
     return {"name": name, "type": kind}
 
 
-def param_value(rng: random.Random, p: dict):
+def param_value(rng: random.Random, p: dict, wide: WidePools | None = None):
     t, name = p["type"], p["name"]
     if t == "integer":
         return rng.choice([rng.randint(1, 12), rng.randint(10, 500), rng.randint(1000, 9999)])
@@ -228,6 +269,8 @@ def param_value(rng: random.Random, p: dict):
         return round(rng.uniform(0.5, 500.0), rng.choice([1, 2]))
     if t == "boolean":
         return rng.random() < 0.6
+    if wide and rng.random() < 0.3:
+        return rng.choice(wide.values)
     if name in STRING_VALUES and rng.random() < 0.7:
         return rng.choice(STRING_VALUES[name])
     w = rng.choice(WORDS)
@@ -244,10 +287,10 @@ def param_value(rng: random.Random, p: dict):
     return rng.choice([w, w.capitalize(), f"{w}-{rng.randint(1, 99)}"])
 
 
-def make_tool(rng: random.Random, verb: str, noun: str) -> dict:
+def make_tool(rng: random.Random, verb: str, noun: str, wide: WidePools | None = None) -> dict:
     params, taken = [], set()
     for _ in range(rng.choice([1, 1, 2, 2, 3])):
-        p = make_param(rng, taken)
+        p = make_param(rng, taken, wide)
         taken.add(p["name"])
         params.append(p)
     words = noun.replace("_", " ")
@@ -259,7 +302,7 @@ def make_tool(rng: random.Random, verb: str, noun: str) -> dict:
         "description": rng.choice([f"{verb.capitalize()} a {words}.", f"{verb.capitalize()} the {words} given its "
                                    + ", ".join(p["name"] for p in params) + ".", f"Use this to {verb} a {words}."]),
         "parameters": {"type": "object", "properties": props, "required": required}},
-        "_verb": verb, "_noun": noun, "_params": params}
+        "_verb": verb, "_noun": noun, "_params": params, "_wide": wide}
 
 
 def phrase_args(rng: random.Random, params: list[dict], values: dict, held: bool) -> str:
@@ -282,7 +325,7 @@ def phrase_args(rng: random.Random, params: list[dict], values: dict, held: bool
 
 def call_args(rng: random.Random, tool: dict) -> dict:
     req = tool["function"]["parameters"]["required"]
-    return {p["name"]: param_value(rng, p) for p in tool["_params"]
+    return {p["name"]: param_value(rng, p, tool["_wide"]) for p in tool["_params"]
             if p["name"] in req or rng.random() < 0.5}
 
 
@@ -311,7 +354,9 @@ def tool_result(rng: random.Random, tool: dict, args: dict) -> tuple[str, str]:
 
 def final_answer(rng: random.Random, tool: dict, value: str) -> str:
     noun = tool["_noun"].replace("_", " ")
-    past = {**VERBS, **HELD_OUT_VERBS}[tool["_verb"]]
+    past = {**VERBS, **HELD_OUT_VERBS}.get(tool["_verb"])
+    if past is None:  # a wide-pool verb: no participle known
+        return rng.choice([f"The tool returned {value}.", f"Here is the result for the {noun}: {value}."])
     return rng.choice([f"Done: the {noun} was {past}. The result is {value}.",
                        f"The tool returned {value}.",
                        f"Here is the result for the {noun}: {value}.",
@@ -366,13 +411,16 @@ def system_msgs(rng: random.Random) -> list[dict]:
     return [{"role": "system", "content": s}] if s else []
 
 
-def tool_episode(rng, R, verbs, nouns, held, plain_pool) -> tuple[list[str], dict]:
+def tool_episode(rng, R, verbs, nouns, held, plain_pool, wide: WidePools | None = None) -> tuple[list[str], dict]:
     """Training documents of one episode, and its evaluation record."""
     n_tools = rng.choice([1, 2, 2, 3])
     pairs = set()
     while len(pairs) < n_tools:
-        pairs.add((rng.choice(verbs), rng.choice(nouns)))
-    tools = [make_tool(rng, v, n) for v, n in sorted(pairs)]
+        if wide and rng.random() < wide.share:
+            pairs.add(rng.choice(wide.pairs))
+        else:
+            pairs.add((rng.choice(verbs), rng.choice(nouns)))
+    tools = [make_tool(rng, v, n, wide) for v, n in sorted(pairs)]
     rng.shuffle(tools)
     msgs = system_msgs(rng)
     mode = rng.choices(["one", "lead", "two", "none"], weights=[6, 2, 1.5, 1.5])[0]
@@ -455,8 +503,9 @@ def build(work: Path, n_tool: int, n_code: int, n_long: int, seed: int) -> dict:
 
     docs: list[str] = []
     verbs, nouns = sorted(VERBS), NOUNS
+    wide = wide_pools(common.stdlib_dir())
     for _ in range(n_tool):
-        ep, _ = tool_episode(rng, R, verbs, nouns, False, plain)
+        ep, _ = tool_episode(rng, R, verbs, nouns, False, plain, wide)
         docs.extend(ep)
     for i in range(n_code):
         fn = train_fns[rng.randrange(len(train_fns))]
@@ -503,6 +552,7 @@ def build(work: Path, n_tool: int, n_code: int, n_long: int, seed: int) -> dict:
     stats = {"seed": seed, "train_docs": len(docs), "long_docs": len(longs),
              "train_chars": sum(map(len, docs)), "long_chars": sum(map(len, longs)),
              "functions": {"train": len(train_fns), "held_out": len(held_fns)}, "topics": len(topics),
+             "wide_pools": {"tool_names": len(wide.pairs), "params": len(wide.params), "values": len(wide.values)},
              "eval": {"chat": sum(e["kind"] == "chat" for e in evals), "tool": sum(e["kind"] == "tool" for e in evals)}}
     (work / "chats.json").write_text(json.dumps(stats, indent=2))
     return stats
@@ -512,7 +562,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=common.WORK_DIR)
     ap.add_argument("--tool-episodes", type=int, default=12_000)
-    ap.add_argument("--code", type=int, default=8_000)
+    ap.add_argument("--code", type=int, default=12_000)
     ap.add_argument("--long", type=int, default=160)
     ap.add_argument("--seed", type=int, default=common.SEED)
     args = ap.parse_args()

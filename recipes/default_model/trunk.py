@@ -182,7 +182,9 @@ def evaluate(model, ids: np.ndarray, seq: int, n_windows: int = 16) -> float:
     return float(np.mean(losses))
 
 
-def train_step(model, opt, x, lr: float):
+def train_step(model, opt, x, lr: float, weights=None):
+    """One optimizer step on token rows x [B, T+1]; weights [B, T] scale each target's loss.
+    Returns the (weighted) mean cross-entropy and the router aux loss."""
     import torch
 
     for g in opt.param_groups:
@@ -190,7 +192,11 @@ def train_step(model, opt, x, lr: float):
     inp, tgt = x[:, :-1], x[:, 1:]
     out = model(input_ids=inp, use_cache=False, output_router_logits=True)
     logits = out.logits.float()
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                           reduction="none" if weights is not None else "mean")
+    if weights is not None:
+        w = weights.reshape(-1)
+        ce = (ce * w).sum() / w.sum()
     loss = ce + model.config.router_aux_loss_coef * out.aux_loss
     opt.zero_grad(set_to_none=True)
     loss.backward()
