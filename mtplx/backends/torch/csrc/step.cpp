@@ -106,38 +106,8 @@ static void rms(const float* x, int64_t N, int64_t D, const float* w, float eps,
   }
 }
 
-// x[i] = round_to(x[i], KBF16), LANES at a time: the same round-to-nearest-even on the bits as
-// c10's float -> bfloat16 (u + 0x7FFF + bit 16 of u, truncated; NaN -> 0x7FC0), so the same values
-static inline void round_bf16(float* x, int64_t n) {
-  int64_t i = 0;
-#if defined(MTPLX_AVX512)
-  const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1), hi = _mm512_set1_epi32((int)0xFFFF0000u),
-                qnan = _mm512_set1_epi32(0x7FC00000);
-  for (; i + 16 <= n; i += 16) {
-    const __m512 v = _mm512_loadu_ps(x + i);
-    const __m512i u = _mm512_castps_si512(v);
-    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
-    r = _mm512_and_si512(r, hi);
-    r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, qnan);
-    _mm512_storeu_si512((void*)(x + i), r);
-  }
-#else
-  const __m256i bias = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1), hi = _mm256_set1_epi32((int)0xFFFF0000u);
-  const __m256 qnan = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000));
-  for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_loadu_ps(x + i);
-    const __m256i u = _mm256_castps_si256(v);
-    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
-    r = _mm256_and_si256(r, hi);
-    _mm256_storeu_ps(x + i, _mm256_blendv_ps(_mm256_castsi256_ps(r), qnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-  }
-#endif
-  for (; i < n; i++) x[i] = round_to(x[i], KBF16);
-}
-
 static void round_all(float* x, int64_t n, int kind) {
-  if (kind == KBF16) round_bf16(x, n);
-  else if (kind != KF32) for (int64_t i = 0; i < n; i++) x[i] = round_to(x[i], kind);
+  if (kind != KF32) for (int64_t i = 0; i < n; i++) x[i] = round_to(x[i], kind);
 }
 
 struct Seq { int64_t pos0, T, row0; };
@@ -336,8 +306,7 @@ class Step {
   }
 
   void add_round(std::vector<float>& x, const std::vector<float>& o) {
-    for (size_t i = 0; i < x.size(); i++) x[i] += o[i];
-    round_all(x.data(), x.size(), kind_);
+    for (size_t i = 0; i < x.size(); i++) x[i] = round_to(x[i] + o[i], kind_);
   }
 
   void embed_rows(const torch::Tensor& ids, const torch::Tensor& hidden, std::vector<float>& x) {
