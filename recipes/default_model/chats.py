@@ -8,7 +8,9 @@ their docstrings, via `ast`) and pydoc's topic texts. Kinds of exchange:
 - explain: "what does X do" answered with the substance of its docstring; pydoc topics explained;
 - tools: random tool schemas (verb_noun names, 1-3 parameters of string / integer / number /
   boolean type), a request naming the values, the call in the template's XML format with the
-  values copied, a tool result and a short answer that uses it. Some with text before the call,
+  values copied, a tool result and a short answer that uses it (training episodes also name
+  tools, parameters and values from wide stdlib-derived pools, `WidePools`, so that they must be
+  copied from the prompt). Some with text before the call,
   some with two calls, some where no tool fits and the answer is plain text;
 - some turns with a short <think> block (enable_thinking), some multi-turn, some small talk.
 Every assistant turn ends with <|im_end|>. Each document is the prompt exactly as the server
