@@ -55,7 +55,7 @@ _ISA_FLAGS = {
                ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-DMTPLX_AVX512"]),
     "avx2": (("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
 }
-_VERSION = "v9"
+_VERSION = "v10"
 _lock = threading.Lock()
 _state: dict = {}
 

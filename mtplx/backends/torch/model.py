@@ -14,12 +14,13 @@ Two forward paths:
   construction, docs/kernels.md). The pure-torch exact path (Ops `EXACT`, the fallback) keeps
   every kernel on the same shapes whatever the number of rows fed (1 for decode, D+1 for
   verify), so verify row i is bit-identical to a one-token decode at that position:
-  * linears go through `exact_linear`, which pads the row count to a multiple of the dtype's
-    row group (see ROW_GROUP: on x86 MKL a 1-row fp32 matmul, a 2-3 row one and a >=4 row one
-    use three different kernels; bf16 gives the same bits for any row count);
+  * linears go through `exact_linear`, which runs fp32 rows as calls of exactly ROW_GROUP rows,
+    zero-padded (on x86 MKL a 1-row fp32 matmul, a 2-3 row one and a 4-row one use three
+    different kernels, and on Intel an 8-row one a fourth; bf16 gives the same bits for any
+    row count);
   * attention batches the rows per key tile: a row at position p always runs over the first
     ceil((p+1)/ATTN_TILE)*ATTN_TILE cache slots, later ones masked, so its shapes never depend
-    on the other rows (query rows padded to ROW_GROUP);
+    on the other rows (query rows in calls of ROW_GROUP rows);
   * the GatedDeltaNet recurrence runs token by token (state saved after every position, for
     rollback) with only the state update in the loop; the causal conv is an elementwise sum in a
     fixed order; narrow elementwise transcendental ops are zero-padded to 64-wide rows (exact_ew);
@@ -45,11 +46,25 @@ from . import fused, kernels
 
 # ---- numerics -------------------------------------------------------------------------------
 
-# Pad the rows of every exact-path matmul up to a multiple of this (per dtype). Measured on
-# x86 + MKL (torch 2.13): fp32 row results fall in classes {1}, {2,3}, {4k}; rows of a 4k-row
-# call all run the 4-row micro-kernel. bf16/fp16 (oneDNN) give identical rows for any count.
-# `check_row_invariance` re-measures this on the running machine.
+# Every exact-path fp32 matmul runs as calls of exactly this many rows (zero-padded). Measured on
+# x86 + MKL (torch 2.13): fp32 row results fall in classes {1}, {2,3}, {4}, and on Intel CPUs an
+# 8-row call differs again from a 4-row one, so a call never has more than ROW_GROUP rows.
+# bf16/fp16 (oneDNN) give identical rows for any count. `check_row_invariance` re-measures this
+# on the running machine.
 ROW_GROUP: dict[torch.dtype, int] = {torch.float32: 4, torch.bfloat16: 1, torch.float16: 1}
+
+
+def row_groups(x: torch.Tensor, g: int, dim: int = 0) -> list[torch.Tensor]:
+    """x split along `dim` into blocks of exactly g rows, the last one zero-padded (g == 1: [x])."""
+    if g == 1:
+        return [x]
+    m = x.shape[dim]
+    pad = (-m) % g
+    if pad:
+        shape = list(x.shape)
+        shape[dim] = pad
+        x = torch.cat([x, x.new_zeros(shape)], dim)
+    return list(x.split(g, dim))
 
 
 def exact_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -58,11 +73,9 @@ def exact_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return w.linear(x)
     g = ROW_GROUP.get(x.dtype, 1)
     m = x.shape[0]
-    pad = (-m) % g
-    if pad:
-        x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
-        return F.linear(x, w)[:m]
-    return F.linear(x, w)
+    if g == 1 or m == g:
+        return F.linear(x, w)
+    return torch.cat([F.linear(xg, w) for xg in row_groups(x, g)])[:m]
 
 
 # CPUs without native bf16/fp16 FMA (AVX2) run half-precision matmuls compute-bound at ~10
@@ -364,7 +377,7 @@ class Attention(nn.Module):
         tile: a row at position p always runs over the first L = ceil((p+1)/ATTN_TILE)*ATTN_TILE
         cache slots (later ones masked to -inf, probability 0), whatever the other rows, so its
         scores / softmax / p @ V see the same shapes and values as a one-token decode at p; query
-        rows are padded to the dtype's ROW_GROUP."""
+        rows run in calls of the dtype's ROW_GROUP rows, zero-padded."""
         T = q.shape[0]
         nkv, g, hd = self.nkv, self.nh // self.nkv, self.hd
         rg = ROW_GROUP.get(dtype, 1)
@@ -378,16 +391,14 @@ class Attention(nn.Module):
             qg = q[i:j].reshape(n, nkv, g, hd).permute(1, 0, 2, 3).reshape(nkv, n * g, hd)
             M = n * g
             pad = (-M) % rg
-            if pad:
-                qg = torch.cat([qg, qg.new_zeros(nkv, pad, hd)], 1)
-            s = torch.matmul(qg, K.transpose(1, 2)) * self.scale  # [nkv, M+pad, L]
+            s = torch.cat([torch.matmul(b, K.transpose(1, 2)) for b in row_groups(qg, rg, 1)], 1) * self.scale  # [nkv, M+pad, L]
             qpos = torch.arange(pos0 + i, pos0 + j, device=q.device).repeat_interleave(g)
             if pad:
                 qpos = torch.cat([qpos, qpos.new_full((pad,), pos0 + i)])
             masked = torch.arange(L, device=q.device)[None, :] > qpos[:, None]  # [M+pad, L]
             s = s.masked_fill(masked, float("-inf"))
             p = torch.softmax(s, dim=-1, dtype=torch.float32).to(dtype)
-            o = torch.matmul(p, V)[:, :M]  # [nkv, M, hd]
+            o = torch.cat([torch.matmul(b, V) for b in (p.split(rg, 1) if rg > 1 else [p])], 1)[:, :M]  # [nkv, M, hd]
             outs.append(o.reshape(nkv, n, g, hd).permute(1, 0, 2, 3).reshape(n, self.nh * hd))
             i = j
         return outs[0] if len(outs) == 1 else torch.cat(outs)

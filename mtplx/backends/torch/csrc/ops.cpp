@@ -116,18 +116,44 @@ static inline void chunk_fma(const float* x, int64_t Kp, int64_t k, const W* con
   }
 }
 
+#ifndef PF_TILES
+#define PF_TILES 2      // prefetch distance: this many tiles ahead in the weight stream ...
+#endif
+#ifndef PF_MIN_BYTES
+#define PF_MIN_BYTES 8192  // ... and at least this many bytes (tiles of short rows are small)
+#endif
+#ifndef PF_HINT
+#define PF_HINT _MM_HINT_T0
+#endif
+
+// Decode is bound by reading the weights, and a tile reads NB rows at once: too many short streams
+// for the hardware prefetcher. So while a tile consumes a 64-byte line of each of its rows, it asks
+// for the line PF_TILES tiles further on in the (contiguous) weight stream; only the first row group
+// over a column block does (pf), the others find the block in cache. Changes no arithmetic.
+template <int NB>
+static inline void prefetch_lines(const char* const* row, int64_t offset, int64_t tile_bytes) {
+  const int64_t ahead = std::max<int64_t>(PF_TILES * tile_bytes, PF_MIN_BYTES);
+  for (int j = 0; j < NB; j++) _mm_prefetch(row[j] + offset + ahead, PF_HINT);
+}
+
 // NB columns x R rows. x rows are laid out by x_layout (zero-padded to Kp, a multiple of the
 // chunk); a weight row's last partial chunk is copied into a zeroed buffer. acc[j][r] is the
 // whole dot product.
 template <typename W, int NB, int R>
-static inline void tile(const float* x, int64_t Kp, int64_t K, const W* w, float* y, int64_t ldy, const float* scale) {
-  constexpr int64_t CH = Chunk<W>::n;
+static inline void tile(const float* x, int64_t Kp, int64_t K, const W* w, float* y, int64_t ldy, const float* scale,
+                        bool pf) {
+  constexpr int64_t CH = Chunk<W>::n, CHB = CH * (int64_t)sizeof(W);  // values / bytes of a row per chunk
   V acc[NB][R];
   for (int j = 0; j < NB; j++) for (int r = 0; r < R; r++) acc[j][r] = vzero();
   const W* wj[NB];
-  for (int j = 0; j < NB; j++) wj[j] = w + j * K;
-  const int64_t Km = K - K % CH;
-  for (int64_t k = 0; k < Km; k += CH) chunk_fma<W, NB, R>(x, Kp, k, wj, k, acc);
+  const char* rows[NB];
+  for (int j = 0; j < NB; j++) wj[j] = w + j * K, rows[j] = (const char*)wj[j];
+  const int64_t Km = K - K % CH, tile_bytes = NB * K * (int64_t)sizeof(W);
+  for (int64_t k = 0; k < Km; k += CH) {
+    if (pf && (CHB >= 64 || (k * (int64_t)sizeof(W)) % 64 == 0))
+      for (int64_t o = 0; o < CHB; o += 64) prefetch_lines<NB>(rows, k * (int64_t)sizeof(W) + o, tile_bytes);
+    chunk_fma<W, NB, R>(x, Kp, k, wj, k, acc);
+  }
   if (Km < K) {
     alignas(64) W buf[NB][CH];
     const W* bj[NB];
@@ -170,22 +196,10 @@ static std::vector<float> x_layout(const float* x, int64_t M, int64_t K, int64_t
 // nc (<= 8) columns starting at w / y for R rows: tiles of NB columns, then single columns.
 template <typename W, int NB, int R>
 static inline void cols(const float* x, int64_t Kp, int64_t K, const W* w, float* y, int64_t ldy,
-                        const float* scale, int64_t nc) {
+                        const float* scale, int64_t nc, bool pf) {
   int64_t j = 0;
-  for (; j + NB <= nc; j += NB) tile<W, NB, R>(x, Kp, K, w + j * K, y + j, ldy, scale ? scale + j : nullptr);
-  for (; j < nc; j++) tile<W, 1, R>(x, Kp, K, w + j * K, y + j, ldy, scale ? scale + j : nullptr);
-}
-
-#ifndef PF_BLOCKS
-#define PF_BLOCKS 2
-#endif
-
-// A short weight row (K of a few hundred) is too short a stream for the hardware prefetcher to
-// pick up: ask for the column block PF_BLOCKS ahead of `block_start` while this one is computed
-// (decode is memory-bound). Used by both weight loops (run_cols, run_cols_dot).
-static inline void prefetch_ahead(const char* block_start, int64_t block, const char* end) {
-  const char* pf = block_start + PF_BLOCKS * block;
-  for (int64_t o = 0; o < block && pf + o < end; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
+  for (; j + NB <= nc; j += NB) tile<W, NB, R>(x, Kp, K, w + j * K, y + j, ldy, scale ? scale + j : nullptr, pf);
+  for (; j < nc; j++) tile<W, 1, R>(x, Kp, K, w + j * K, y + j, ldy, scale ? scale + j : nullptr, pf);
 }
 
 // Columns [c0, c1) for all M rows, 8 columns at a time: the 8 weight rows stay in cache while
@@ -193,19 +207,17 @@ static inline void prefetch_ahead(const char* block_start, int64_t block, const 
 template <typename W>
 static void run_cols(const float* x, int64_t M, int64_t Kp, int64_t K, const W* w, float* y, int64_t N,
                      const float* scale, int64_t c0, int64_t c1) {
-  const int64_t block = 8 * K * (int64_t)sizeof(W);
-  const char* end = (const char*)(w + c1 * K);
   for (int64_t c = c0; c < c1; c += 8) {
     const int64_t nc = std::min<int64_t>(8, c1 - c);
     const W* wc = w + c * K;
     const float* sc = scale ? scale + c : nullptr;
-    prefetch_ahead((const char*)wc, block, end);
     int64_t r = 0;
-    for (; r + 4 <= M; r += 4) cols<W, NB4, 4>(x + r * Kp, Kp, K, wc, y + r * N + c, N, sc, nc);
+    for (; r + 4 <= M; r += 4) cols<W, NB4, 4>(x + r * Kp, Kp, K, wc, y + r * N + c, N, sc, nc, r == 0);
     const int64_t left = M - r;
-    if (left == 3) cols<W, NB3, 3>(x + r * Kp, Kp, K, wc, y + r * N + c, N, sc, nc);
-    else if (left == 2) cols<W, 4, 2>(x + r * Kp, Kp, K, wc, y + r * N + c, N, sc, nc);
-    else if (left == 1) cols<W, 8, 1>(x + r * Kp, Kp, K, wc, y + r * N + c, N, sc, nc);
+    const bool pf = r == 0;
+    if (left == 3) cols<W, NB3, 3>(x + r * Kp, Kp, K, wc, y + r * N + c, N, sc, nc, pf);
+    else if (left == 2) cols<W, 4, 2>(x + r * Kp, Kp, K, wc, y + r * N + c, N, sc, nc, pf);
+    else if (left == 1) cols<W, 8, 1>(x + r * Kp, Kp, K, wc, y + r * N + c, N, sc, nc, pf);
   }
 }
 
@@ -255,11 +267,15 @@ torch::Tensor rowmm(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64
 // horizontal sum: as row-invariant as rowmm, with a third of its instructions per weight.
 #if defined(MTPLX_AVX512BF16)
 template <int NB, int R>
-static inline void tile_dot(const at::BFloat16* x, int64_t Kp, int64_t K, const at::BFloat16* w, float* y, int64_t ldy) {
+static inline void tile_dot(const at::BFloat16* x, int64_t Kp, int64_t K, const at::BFloat16* w, float* y, int64_t ldy,
+                            bool pf) {
   __m512 acc[NB][R];
   for (int j = 0; j < NB; j++) for (int r = 0; r < R; r++) acc[j][r] = _mm512_setzero_ps();
-  const int64_t Km = K - K % 32;
-  for (int64_t k = 0; k < Km; k += 32) {
+  const char* rows[NB];
+  for (int j = 0; j < NB; j++) rows[j] = (const char*)(w + j * K);
+  const int64_t Km = K - K % 32, tile_bytes = NB * K * 2;
+  for (int64_t k = 0; k < Km; k += 32) {  // a chunk: 32 bf16, one 64-byte line of each row
+    if (pf) prefetch_lines<NB>(rows, k * 2, tile_bytes);
     __m512bh xv[R];
     for (int r = 0; r < R; r++) xv[r] = (__m512bh)_mm512_loadu_si512((const void*)(x + r * Kp + k));
     for (int j = 0; j < NB; j++) {
@@ -282,26 +298,24 @@ static inline void tile_dot(const at::BFloat16* x, int64_t Kp, int64_t K, const 
 
 template <int NB, int R>
 static inline void cols_dot(const at::BFloat16* x, int64_t Kp, int64_t K, const at::BFloat16* w, float* y,
-                            int64_t ldy, int64_t nc) {
+                            int64_t ldy, int64_t nc, bool pf) {
   int64_t j = 0;
-  for (; j + NB <= nc; j += NB) tile_dot<NB, R>(x, Kp, K, w + j * K, y + j, ldy);
-  for (; j < nc; j++) tile_dot<1, R>(x, Kp, K, w + j * K, y + j, ldy);
+  for (; j + NB <= nc; j += NB) tile_dot<NB, R>(x, Kp, K, w + j * K, y + j, ldy, pf);
+  for (; j < nc; j++) tile_dot<1, R>(x, Kp, K, w + j * K, y + j, ldy, pf);
 }
 
 static void run_cols_dot(const at::BFloat16* x, int64_t M, int64_t Kp, int64_t K, const at::BFloat16* w, float* y,
                          int64_t N, int64_t c0, int64_t c1) {
-  const int64_t block = 8 * K * 2;
-  const char* end = (const char*)(w + c1 * K);
   for (int64_t c = c0; c < c1; c += 8) {
     const int64_t nc = std::min<int64_t>(8, c1 - c);
     const at::BFloat16* wc = w + c * K;
-    prefetch_ahead((const char*)wc, block, end);
     int64_t r = 0;
-    for (; r + 4 <= M; r += 4) cols_dot<4, 4>(x + r * Kp, Kp, K, wc, y + r * N + c, N, nc);
+    for (; r + 4 <= M; r += 4) cols_dot<4, 4>(x + r * Kp, Kp, K, wc, y + r * N + c, N, nc, r == 0);
     const int64_t left = M - r;
-    if (left == 3) cols_dot<4, 3>(x + r * Kp, Kp, K, wc, y + r * N + c, N, nc);
-    else if (left == 2) cols_dot<4, 2>(x + r * Kp, Kp, K, wc, y + r * N + c, N, nc);
-    else if (left == 1) cols_dot<8, 1>(x + r * Kp, Kp, K, wc, y + r * N + c, N, nc);
+    const bool pf = r == 0;
+    if (left == 3) cols_dot<4, 3>(x + r * Kp, Kp, K, wc, y + r * N + c, N, nc, pf);
+    else if (left == 2) cols_dot<4, 2>(x + r * Kp, Kp, K, wc, y + r * N + c, N, nc, pf);
+    else if (left == 1) cols_dot<8, 1>(x + r * Kp, Kp, K, wc, y + r * N + c, N, nc, pf);
   }
 }
 
