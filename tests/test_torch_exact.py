@@ -557,3 +557,25 @@ def test_attend_rows_softmax_weights_underflow_and_nan():
         qn[0, 1, 3] = float("nan")
         y = attend(qn, K, V, n - 1, hd ** -0.5)[0].view(nh, hd)
         assert torch.isnan(y[1]).all() and not torch.isnan(y[0]).any(), n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,K", [(37, 67), (256, 128), (1000, 300)])
+def test_exact_linear_rows_independent_of_row_count(dtype, N, K):
+    """The pure-torch fallback's matmul: a row's result is the same bits for 1..16 rows, wherever
+    the row sits among the others (MKL's fp32 kernel differs by row count, 8 rows included on
+    Intel CPUs: exact_linear runs fp32 rows in calls of exactly ROW_GROUP rows)."""
+    from mtplx.backends.torch.model import exact_linear
+
+    g = torch.Generator().manual_seed(N + K)
+    w = torch.randn(N, K, generator=g).to(dtype)
+    x = torch.randn(1, K, generator=g).to(dtype)
+    ref = exact_linear(x, w)[0]
+    for m in range(2, 17):
+        for pos in sorted({0, m // 2, m - 1}):
+            xx = torch.randn(m, K, generator=g).to(dtype)
+            xx[pos] = x[0]
+            y = exact_linear(xx, w)
+            assert y.shape == (m, N)
+            assert torch.equal(y[pos], ref), f"{dtype} {N}x{K}: row {pos} of {m} differs from 1 row"
+    torch.testing.assert_close(ref.float(), (x.float() @ w.float().T)[0], rtol=2e-2, atol=2e-2)
