@@ -391,14 +391,15 @@ class Attention(nn.Module):
             qg = q[i:j].reshape(n, nkv, g, hd).permute(1, 0, 2, 3).reshape(nkv, n * g, hd)
             M = n * g
             pad = (-M) % rg
-            s = torch.cat([torch.matmul(b, K.transpose(1, 2)) for b in row_groups(qg, rg, 1)], 1) * self.scale  # [nkv, M+pad, L]
+            kt = K.transpose(1, 2)
+            s = torch.cat([torch.matmul(b, kt) for b in row_groups(qg, rg, 1)], 1) * self.scale  # [nkv, M+pad, L]
             qpos = torch.arange(pos0 + i, pos0 + j, device=q.device).repeat_interleave(g)
             if pad:
                 qpos = torch.cat([qpos, qpos.new_full((pad,), pos0 + i)])
             masked = torch.arange(L, device=q.device)[None, :] > qpos[:, None]  # [M+pad, L]
             s = s.masked_fill(masked, float("-inf"))
             p = torch.softmax(s, dim=-1, dtype=torch.float32).to(dtype)
-            o = torch.cat([torch.matmul(b, V) for b in (p.split(rg, 1) if rg > 1 else [p])], 1)[:, :M]  # [nkv, M, hd]
+            o = torch.cat([torch.matmul(b, V) for b in row_groups(p, rg, 1)], 1)[:, :M]  # [nkv, M, hd]
             outs.append(o.reshape(nkv, n, g, hd).permute(1, 0, 2, 3).reshape(n, self.nh * hd))
             i = j
         return outs[0] if len(outs) == 1 else torch.cat(outs)
