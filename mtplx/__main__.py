@@ -1,3 +1,3 @@
-from mtplx.cli.main import main
+from mtplx.cli.main import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())

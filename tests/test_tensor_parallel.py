@@ -425,3 +425,22 @@ def test_four_ranks_replicate_kv_heads(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["rel"] < 1e-4 and r["same"], r
+
+
+def test_end_process_closes_flushes_and_keeps_the_code():
+    """A process that ran a group ends via end_process: models closed, buffered output kept,
+    the exit code unchanged (a close that fails says so and turns 0 into 1)."""
+    script = ("import sys, mtplx.backends.torch.tp_launch as t\n"
+              "class M:\n"
+              "    def __init__(self, fail): self.fail = fail\n"
+              "    def close(self):\n"
+              "        print('closed', self.fail, end=' ')\n"
+              "        if self.fail: raise RuntimeError('peer gone')\n"
+              "t._opened += [M(False), M(sys.argv[2] == 'fail')]\n"
+              "t.end_process(int(sys.argv[1]))\n")
+    for code, mode, want in [(3, "ok", 3), (0, "ok", 0), (0, "fail", 1), (2, "fail", 2)]:
+        proc = subprocess.run([sys.executable, "-c", script, str(code), mode], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == want, proc.stderr
+        assert proc.stdout == f"closed False closed {mode == 'fail'} "
+        assert ("peer gone" in proc.stderr) == (mode == "fail")

@@ -108,5 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     return int(code or 0)
 
 
+def entry() -> int:
+    """The `mtplx` command: main(), then a process that ran a tensor-parallel group ends
+    through tp_launch.end_process (without the interpreter teardown that gloo can abort)."""
+    code = main()
+    tp_launch = sys.modules.get("mtplx.backends.torch.tp_launch")
+    if tp_launch is not None:
+        tp_launch.end_process(code)
+    return code
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(entry())

@@ -80,8 +80,9 @@ def load_parallel(path, tp: int, dtype: str, device: str, threads: int | None = 
                              f"(torchrun --nproc-per-node / --nnodes) or pass --tp {world}")
         rank = int(os.environ["RANK"])
         if rank:
-            sys.exit(_worker_main(spec, rank))
+            end_process(_worker_main(spec, rank))
         model = _start_rank(spec, 0, int(os.environ.get("LOCAL_RANK", 0)))
+        _opened.append(model)
         atexit.register(model.close)
         return model
     port = _free_port()
@@ -93,8 +94,31 @@ def load_parallel(path, tp: int, dtype: str, device: str, threads: int | None = 
     except BaseException:
         workers.kill()
         raise
+    _opened.append(model)
     atexit.register(model.close)
     return model
+
+
+_opened: list[ParallelModel] = []
+
+
+def end_process(code: int):
+    """Leave a process that ran a tensor-parallel group: close its models, flush, os._exit(code).
+
+    gloo's run-loop threads release each finished collective (and the tensors it holds) a moment
+    after the caller's wait returns. If the interpreter is being torn down by then, that release
+    needs the GIL of a dying interpreter and the process aborts ("terminate called without an
+    active exception"; seen under load, at random, on either rank). Ending without the teardown
+    removes the race: a rank has nothing left to clean up that the OS does not."""
+    for model in _opened:
+        try:
+            model.close()
+        except Exception as e:  # noqa: BLE001 - say it, then still end the process
+            sys.stderr.write(f"error: closing the tensor-parallel model: {e}\n")
+            code = code or 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _start_rank(spec: dict, rank: int, local_rank: int, workers=None):
@@ -218,6 +242,6 @@ def _worker_main(spec: dict, rank: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_worker_main(json.loads(os.environ[ENV_SPEC]), int(os.environ["RANK"])))
+    end_process(_worker_main(json.loads(os.environ[ENV_SPEC]), int(os.environ["RANK"])))
 
-__all__ = ["load_parallel"]
+__all__ = ["load_parallel", "end_process"]
