@@ -407,6 +407,41 @@ def test_rowmm_avx2_build_when_forced():
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 
+def test_prefetch_builds_give_the_same_bits(tmp_path, monkeypatch):
+    """The two weight-prefetch builds (MTPLX_KERNEL_PREFETCH=l1 / l2: cache level, distance, and on
+    l2 the sequential one-row bf16 stream) change only timing: each, in its own process, gives the
+    same bits for fp32 and bf16 weights, 1..5 rows, odd shapes. A bad value is a clear error."""
+    import os
+    import subprocess
+    import sys
+
+    from mtplx.backends.torch import kernels
+
+    if not rowmm_available():
+        pytest.skip("no supported instruction set or no compiler here")
+    code = ("import sys, torch; from mtplx.backends.torch import kernels as k; f = k.get_rowmm(); "
+            "assert f is not None, k.kernel_error(); bf = k.rowmm_bf16_fn(); g = torch.Generator().manual_seed(3); out = []\n"
+            "for N, K in [(37, 67), (300, 1024), (1029, 96)]:\n"
+            "    w = torch.randn(N, K, generator=g); x = torch.randn(5, K, generator=g)\n"
+            "    for M in range(1, 6):\n"
+            "        out += [f(x[:M].contiguous(), w), f(x[:M].contiguous(), w.bfloat16())]\n"
+            "        if bf is not None: out.append(bf(x[:M].bfloat16().contiguous(), w.bfloat16()))\n"
+            "torch.save(out, sys.argv[1])")
+    got = {}
+    for level in ("l1", "l2"):
+        env = {**os.environ, "MTPLX_KERNEL_PREFETCH": level}
+        path = tmp_path / f"{level}.pt"
+        run = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        got[level] = torch.load(path)
+    assert len(got["l1"]) == len(got["l2"]) >= 30
+    assert all(torch.equal(a, b) for a, b in zip(got["l1"], got["l2"]))
+    monkeypatch.setenv("MTPLX_KERNEL_PREFETCH", "l3")
+    with pytest.raises(ValueError, match="must be one of l1, l2"):
+        kernels.prefetch_level()
+
+
 # ---- batched exact-path pieces: attention key tiles, dense MoE, padded elementwise ops -------
 
 
