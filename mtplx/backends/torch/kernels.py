@@ -13,6 +13,8 @@ Builds of one source, chosen at run time from the CPU's flags:
   avx512      L = 16 (AVX-512 F/BW + FMA + F16C), 4 x 4 register tiles;
   avx2        L = 8 (AVX2 + FMA + F16C), 4 x 2 tiles.
 The two give different bits from each other (lane count), never within one process.
+Each is built with the weight prefetch of the CPU's vendor (`prefetch_level`: L1 on Intel, L2 and a
+sequential one-row bf16 stream on AMD; `MTPLX_KERNEL_PREFETCH=l1|l2` overrides), same bits either way.
 `MTPLX_KERNEL_ISA=avx2` forces the AVX2 build; `MTPLX_NO_KERNEL=1` disables the kernel (the
 model keeps the pure-torch exact path: row padding, model.ROW_GROUP); other CPUs (ARM, old
 x86) get that fallback too.
@@ -60,15 +62,20 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
-def _cpu_flags() -> set[str]:
+def _cpuinfo(field: str) -> str:
+    """The first `field` line's value in /proc/cpuinfo ('' off Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith(field):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return ""
+
+
+def _cpu_flags() -> set[str]:
+    return set(_cpuinfo("flags").split())
 
 
 def kernel_isa() -> str | None:
@@ -80,17 +87,6 @@ def kernel_isa() -> str | None:
         if isa in _ISA_FLAGS and all(f in flags for f in _ISA_FLAGS[isa][0]):
             return isa
     return None
-
-
-def _cpu_vendor() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 # The weight prefetch (csrc/ops.cpp: prefetch_lines): which cache and how far ahead, per CPU
@@ -109,7 +105,7 @@ def prefetch_level() -> str:
         if forced not in _PREFETCH_FLAGS:
             raise ValueError(f"MTPLX_KERNEL_PREFETCH must be one of {', '.join(_PREFETCH_FLAGS)}, got {forced!r}")
         return forced
-    return "l2" if _cpu_vendor() == "AuthenticAMD" else "l1"
+    return "l2" if _cpuinfo("vendor_id") == "AuthenticAMD" else "l1"
 
 
 def _name(isa: str) -> str:
