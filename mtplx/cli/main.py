@@ -113,7 +113,7 @@ def entry() -> int:
     through tp_launch.end_process (without the interpreter teardown that gloo can abort)."""
     code = main()
     tp_launch = sys.modules.get("mtplx.backends.torch.tp_launch")
-    if tp_launch is not None:
+    if tp_launch is not None and tp_launch.opened_here():
         tp_launch.end_process(code)
     return code
 

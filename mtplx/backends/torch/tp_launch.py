@@ -102,6 +102,11 @@ def load_parallel(path, tp: int, dtype: str, device: str, threads: int | None = 
 _opened: list[ParallelModel] = []
 
 
+def opened_here() -> bool:
+    """Whether this process loaded a tensor-parallel model as rank 0 (it then ends via end_process)."""
+    return bool(_opened)
+
+
 def end_process(code: int):
     """Leave a process that ran a tensor-parallel group: close its models, flush, os._exit(code).
 
@@ -244,4 +249,4 @@ def _worker_main(spec: dict, rank: int) -> int:
 if __name__ == "__main__":
     end_process(_worker_main(json.loads(os.environ[ENV_SPEC]), int(os.environ["RANK"])))
 
-__all__ = ["load_parallel", "end_process"]
+__all__ = ["load_parallel", "end_process", "opened_here"]
