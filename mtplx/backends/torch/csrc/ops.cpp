@@ -272,6 +272,14 @@ torch::Tensor rowmm(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64
 #ifndef DOT_DECODE_SEQUENTIAL
 #define DOT_DECODE_SEQUENTIAL 0
 #endif
+// ... and so may a matmul of up to this many rows (a depth-1 verify): each weight row read once,
+// its R dot products side by side. Past 2 rows its R accumulator chains are too few to hide the
+// dot product's latency, and the 4-column tile is faster (Zen 4, 1 thread: 2 rows 54 -> 45 ms
+// over a 0.8B model's weights; 4 rows 56-63 -> 76-83 ms)
+#ifndef DOT_SEQUENTIAL_ROWS
+#define DOT_SEQUENTIAL_ROWS 1
+#endif
+static_assert(DOT_SEQUENTIAL_ROWS >= 1 && DOT_SEQUENTIAL_ROWS <= 4, "DOT_SEQUENTIAL_ROWS: 1..4");
 template <int NB, int R>
 static inline void tile_dot(const at::BFloat16* x, int64_t Kp, int64_t K, const at::BFloat16* w, float* y, int64_t ldy,
                             bool pf) {
@@ -312,6 +320,15 @@ static inline void cols_dot(const at::BFloat16* x, int64_t Kp, int64_t K, const 
 
 static void run_cols_dot(const at::BFloat16* x, int64_t M, int64_t Kp, int64_t K, const at::BFloat16* w, float* y,
                          int64_t N, int64_t c0, int64_t c1) {
+  if (DOT_DECODE_SEQUENTIAL && M <= DOT_SEQUENTIAL_ROWS) {
+    const at::BFloat16* wc = w + c0 * K;
+    const int64_t nc = c1 - c0;
+    if (M == 1) cols_dot<1, 1>(x, Kp, K, wc, y + c0, N, nc, false);
+    else if (M == 2) cols_dot<1, 2>(x, Kp, K, wc, y + c0, N, nc, false);
+    else if (M == 3) cols_dot<1, 3>(x, Kp, K, wc, y + c0, N, nc, false);
+    else cols_dot<1, 4>(x, Kp, K, wc, y + c0, N, nc, false);
+    return;
+  }
   for (int64_t c = c0; c < c1; c += 8) {
     const int64_t nc = std::min<int64_t>(8, c1 - c);
     const at::BFloat16* wc = w + c * K;
@@ -321,7 +338,6 @@ static void run_cols_dot(const at::BFloat16* x, int64_t M, int64_t Kp, int64_t K
     const bool pf = r == 0;
     if (left == 3) cols_dot<4, 3>(x + r * Kp, Kp, K, wc, y + r * N + c, N, nc, pf);
     else if (left == 2) cols_dot<4, 2>(x + r * Kp, Kp, K, wc, y + r * N + c, N, nc, pf);
-    else if (left == 1 && DOT_DECODE_SEQUENTIAL && M == 1) cols_dot<1, 1>(x, Kp, K, wc, y + c, N, nc, false);
     else if (left == 1) cols_dot<8, 1>(x + r * Kp, Kp, K, wc, y + r * N + c, N, nc, pf);
   }
 }
