@@ -15,6 +15,11 @@ Each step is one of:
   window of stdlib code text. The loss of a chat row's prompt tokens (the tools block, the
   request, and whatever came before the document) is weighted --prompt-weight, its answer 1;
   code text weighs 1;
+- unlikelihood against loops (--loop-weight): in a chat answer or a code row, where the last two
+  tokens occurred earlier in that answer / row and were followed there by a token other than the
+  text's next one, that repeated continuation's probability is pushed down (-log(1 - p)). A tiny
+  model's greedy chat answers otherwise fall into copy loops ("the list of the list of ...")
+  and never reach <|im_end|>; copying from the prompt (tool names and values) is not touched;
 - every --long-every steps, one long document (several files then a question; up to
   --long-seq tokens), so the attention layers see long inputs.
 """
@@ -117,6 +122,24 @@ def load_trunk(init: Path, v1_tokenizer: Path, seed: int):
     return model.float()
 
 
+def loop_tokens(row: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """row [T+1] tokens, region [T] whether target t is in a span whose own history counts ->
+    [T] per target the token that repeated the last bigram's earlier continuation (-1: none, or
+    it is the text's next token). The history restarts wherever the region does."""
+    out = np.full(region.size, -1, dtype=np.int64)
+    seen: dict[tuple[int, int], int] = {}
+    for t in range(1, region.size):
+        if not (region[t] and region[t - 1]):
+            seen.clear()
+            continue
+        key = (int(row[t - 1]), int(row[t]))
+        nxt = seen.get(key)
+        if nxt is not None and nxt != row[t + 1]:
+            out[t] = nxt
+        seen[key] = int(row[t + 1])
+    return out
+
+
 class Mixer:
     """Batches of the v2 mix (see the module docstring); seeded."""
 
@@ -134,20 +157,24 @@ class Mixer:
         self.long_starts = np.load(work / "long_v2_starts.npy")
         self.args = args
 
-    def mixed(self) -> tuple[np.ndarray, np.ndarray]:
-        """-> token rows [batch, seq + 1], loss weights of their targets [batch, seq]."""
-        a, rows, weights = self.args, [], []
+    def mixed(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """-> token rows [batch, seq + 1], loss weights of their targets [batch, seq], the loop
+        tokens of their targets [batch, seq] (loop_tokens)."""
+        a, rows, weights, loops = self.args, [], [], []
         for _ in range(a.batch):
             if self.rng.random() < a.chat_share:
                 pool = self.chat_ends[0 if self.rng.random() < a.tool_share else 1]
                 e = int(pool[self.rng.integers(0, pool.size)])
                 rows.append(self.chat[e - a.seq - 1:e])
-                weights.append(np.where(self.chat_answer[e - a.seq:e], 1.0, a.prompt_weight))
+                answer = self.chat_answer[e - a.seq:e]
+                weights.append(np.where(answer, 1.0, a.prompt_weight))
+                loops.append(loop_tokens(rows[-1], answer))
             else:
                 s = int(self.rng.integers(0, self.code.size - a.seq - 1))
                 rows.append(self.code[s:s + a.seq + 1])
                 weights.append(np.ones(a.seq))
-        return np.stack(rows).astype(np.int64), np.stack(weights).astype(np.float32)
+                loops.append(loop_tokens(rows[-1], np.ones(a.seq, dtype=bool)))
+        return np.stack(rows).astype(np.int64), np.stack(weights).astype(np.float32), np.stack(loops)
 
     def long_doc(self) -> np.ndarray:
         i = int(self.rng.integers(0, self.long_starts.size))
@@ -173,7 +200,7 @@ def cmd_train(args) -> None:
     log.write(json.dumps({"step": 0, "heldout_code_ce": round(before, 4)}) + "\n")
     meta = {"init": str(args.init), "seed": args.seed, "batch": args.batch, "seq": args.seq,
             "chat_share": args.chat_share, "tool_share": args.tool_share, "prompt_weight": args.prompt_weight, "long_every": args.long_every, "long_seq": args.long_seq,
-            "lr": args.lr, "minutes": args.minutes, "steps_cap": args.steps, "params": trunk.param_count(model),
+            "loop_weight": args.loop_weight, "lr": args.lr, "minutes": args.minutes, "steps_cap": args.steps, "params": trunk.param_count(model),
             "heldout_code_ce_v1": before}
     t_start = time.time()
     budget = args.minutes * 60 if args.minutes else None
@@ -184,9 +211,10 @@ def cmd_train(args) -> None:
             break
         lr = trunk.lr_at(int(frac * 10_000), 10_000, args.lr, 300)
         is_long = args.long_every and step % args.long_every == args.long_every - 1
-        x, w = (mix.long_doc(), None) if is_long else mix.mixed()
+        x, w, loops = (mix.long_doc(), None, None) if is_long else mix.mixed()
         x, w = torch.from_numpy(x), None if w is None else torch.from_numpy(w)
-        ce, aux = trunk.train_step(model, opt, x, lr, w)
+        loops = None if loops is None or not args.loop_weight else torch.from_numpy(loops)
+        ce, aux = trunk.train_step(model, opt, x, lr, w, loops, args.loop_weight)
         tokens += x.numel()
         if not is_long:
             ema = ce if ema is None else 0.98 * ema + 0.02 * ce
@@ -224,6 +252,8 @@ def main():
                     help="of the chat rows, the share from documents with a tools block")
     ap.add_argument("--prompt-weight", type=float, default=0.3,
                     help="loss weight of a chat row's tokens before its answer (the answer's weigh 1)")
+    ap.add_argument("--loop-weight", type=float, default=0.0,
+                    help="weight of the unlikelihood loss on loop continuations (0: off, as in v2.1)")
     ap.add_argument("--long-every", type=int, default=20)
     ap.add_argument("--long-seq", type=int, default=16384)
     ap.add_argument("--lr", type=float, default=1e-3)

@@ -87,10 +87,16 @@ NUMBER_PARAMS = ["amount", "price", "latitude", "longitude", "ratio", "weight", 
 BOOL_PARAMS = ["verbose", "recursive", "force", "dry_run", "public", "urgent", "notify", "overwrite"]
 
 # How a request names one argument. {p} is the parameter's name in words, {v} its value.
-ARG_PHRASES = ["{p} {v}", "{p} {v}", "{p} {v}", "{p} \"{v}\"", "{p}: {v}", "{p} = {v}", "the {p} {v}"]
+ARG_PHRASES = ["{p} {v}", "{p} {v}", "{p} {v}", "{p} \"{v}\"", "{p}: {v}", "{p} = {v}", "the {p} {v}",
+               # v2.2: connector words and value-first orders, so a value is found past the words
+               # around it (none of these is a held-out phrasing)
+               "{p} is {v}", "{p} equal to {v}", "{p} -> {v}", "{p}={v}", "{p} should be {v}", "{p} ({v})",
+               "{v} for the {p}", "{v} for {p}", "{v} is the {p}", "a {p} {v}"]
 HELD_OUT_ARG_PHRASES = ["{p} set to {v}", "{v} as the {p}", "{p} of {v}", "{p} being {v}"]
-BOOL_PHRASES = {True: ["with {p} on", "{p}: true", "{p} enabled", "and {p} true"],
-                False: ["with {p} off", "{p}: false", "{p} disabled", "and {p} false"]}
+BOOL_PHRASES = {True: ["with {p} on", "{p}: true", "{p} enabled", "and {p} true", "{p} switched on", "{p}=true",
+                       "{p} yes"],
+                False: ["with {p} off", "{p}: false", "{p} disabled", "and {p} false", "{p} switched off",
+                        "{p}=false", "without {p}"]}
 HELD_OUT_BOOL_PHRASES = {True: ["turning {p} on"], False: ["turning {p} off"]}
 REQUESTS = [
     "Please {verb} the {noun} {args}.",
@@ -101,6 +107,10 @@ REQUESTS = [
     "{Verb} {noun} {args}",
     "Hey, {verb} the {noun} {args}.",
     "I want to {verb} the {noun}: {args}.",
+    "Let's {verb} the {noun} {args}.",
+    "Is it possible to {verb} the {noun} {args}?",
+    "Quick one: {verb} the {noun}, {args}.",
+    "{Verb} this {noun} now [{args}].",
 ]
 HELD_OUT_REQUESTS = [
     "Go ahead and {verb} the {noun} {args}.",

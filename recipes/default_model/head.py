@@ -44,9 +44,24 @@ def assemble(trunk: Path, tokenizer_dir: Path, dst: Path) -> Path:
     return dst
 
 
+def add_head(dst: Path, head_from: Path) -> int:
+    """Copy the `mtp.*` tensors of a checkpoint (an earlier build's asset) into dst, so forge
+    refreshes that head on the new trunk instead of starting one from the trunk's layers."""
+    from safetensors.torch import load_file, save_file
+
+    head = {k: v for k, v in load_file(str(head_from / "model.safetensors")).items() if k.startswith("mtp.")}
+    if not head:
+        raise SystemExit(f"--head-init {head_from}: no mtp.* tensors in its model.safetensors")
+    tensors = load_file(str(dst / "model.safetensors"))
+    tensors.update(head)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return len(head)
+
+
 def trunk_chain(trunk: Path) -> list[dict]:
     """The training runs behind a trunk, oldest first: each run's trunk_meta.json names the folder
-    it started from (`init`); the v1 trunk's numbers come from its recipe.json when present."""
+    it started from (`init`); a shipped asset it started from brings its own recipe.json's phases
+    (or, for the v1 asset, its trunk's numbers)."""
     chain, folder = [], trunk
     while folder is not None:
         meta_file, recipe_file = folder / "trunk_meta.json", folder / "recipe.json"
@@ -56,7 +71,9 @@ def trunk_chain(trunk: Path) -> list[dict]:
             folder = Path(meta["init"]) if meta.get("init") else None
         else:
             if recipe_file.is_file():
-                chain.append({"folder": str(folder), "v1": json.loads(recipe_file.read_text()).get("trunk")})
+                recipe = json.loads(recipe_file.read_text())
+                chain.extend(recipe["trunk_phases"][::-1] if "trunk_phases" in recipe
+                             else [{"folder": str(folder), "v1": recipe.get("trunk")}])
             folder = None
     return chain[::-1]
 
@@ -92,18 +109,24 @@ def main():
     ap.add_argument("--pool", type=int, default=768)
     ap.add_argument("--seed", type=int, default=common.SEED)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--head-init", type=Path, default=None,
+                    help="a checkpoint whose MTP head to refresh (an earlier build's asset) instead of a "
+                         "head started from the trunk's layers")
     args = ap.parse_args()
 
     from mtplx.forge import Corpus, ForgeOptions, forge
 
     t0 = time.time()
     base = assemble(args.trunk, args.tokenizer_dir, args.work / "checkpoint_nohead")
+    if args.head_init:
+        add_head(base, args.head_init)
     train, held = head_corpus(args.work, base)
     corpus = Corpus(train=train, heldout=held, source="stdlib + chats (recipe split: held-out modules "
                                                       + ", ".join(common.HELD_OUT_MODULES)
                                                       + "; held-out tool verbs, nouns and phrasings)")
     opts = ForgeOptions(steps=args.steps, minutes=args.minutes, depth=args.depth, seed=args.seed, batch=8,
-                        seq_len=256, lr=2e-3, pool_windows=args.pool, eval_windows=48, init="trunk",
+                        seq_len=256, lr=2e-3, pool_windows=args.pool, eval_windows=48,
+                        init="existing" if args.head_init else "trunk",
                         layout="embedded", threads=args.threads)
     log = (args.work / "head_log.jsonl").open("w")
 
@@ -134,6 +157,7 @@ def main():
         "trunk": trunk_meta,
         "trunk_phases": phases,
         "head": {k: v for k, v in rep.to_dict().items() if k not in ("history",)},
+        "head_init": str(args.head_init) if args.head_init else "trunk",
         "head_seconds": round(time.time() - t0, 1),
     }
     (args.out / "recipe.json").write_text(json.dumps(recipe, indent=2))

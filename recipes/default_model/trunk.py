@@ -182,8 +182,10 @@ def evaluate(model, ids: np.ndarray, seq: int, n_windows: int = 16) -> float:
     return float(np.mean(losses))
 
 
-def train_step(model, opt, x, lr: float, weights=None):
+def train_step(model, opt, x, lr: float, weights=None, loop_tokens=None, loop_weight: float = 1.0):
     """One optimizer step on token rows x [B, T+1]; weights [B, T] scale each target's loss.
+    loop_tokens [B, T] (-1 where none): per target, the token a loop would repeat there but the
+    text does not; its probability gets an unlikelihood loss -log(1 - p), weighted loop_weight.
     Returns the (weighted) mean cross-entropy and the router aux loss."""
     import torch
 
@@ -198,6 +200,12 @@ def train_step(model, opt, x, lr: float, weights=None):
         w = weights.reshape(-1)
         ce = (ce * w).sum() / w.sum()
     loss = ce + model.config.router_aux_loss_coef * out.aux_loss
+    if loop_tokens is not None and bool((loop_tokens >= 0).any()):
+        at = loop_tokens >= 0                                            # [B, T]
+        logp = torch.log_softmax(logits[at], dim=-1)                     # [n, V]
+        p_loop = logp.gather(1, loop_tokens[at][:, None]).squeeze(1).exp()
+        unlikely = -torch.log1p(-p_loop.clamp(max=1 - 1e-5))
+        loss = loss + loop_weight * unlikely.sum() / at.numel()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
