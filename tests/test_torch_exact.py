@@ -407,39 +407,71 @@ def test_rowmm_avx2_build_when_forced():
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 
-def test_prefetch_builds_give_the_same_bits(tmp_path, monkeypatch):
-    """The two weight-prefetch builds (MTPLX_KERNEL_PREFETCH=l1 / l2: cache level, distance, and on
-    l2 the sequential one-row bf16 stream) change only timing: each, in its own process, gives the
-    same bits for fp32 and bf16 weights, 1..5 rows, odd shapes. A bad value is a clear error."""
+_BITS_CODE = (
+    "import sys, torch; from mtplx.backends.torch import kernels as k; f = k.get_rowmm(); "
+    "assert f is not None, k.kernel_error(); bf = k.rowmm_bf16_fn(); g = torch.Generator().manual_seed(3); out = []\n"
+    "for N, K in [(37, 67), (300, 1024), (1029, 96), (256, 128)]:\n"
+    "    w = torch.randn(N, K, generator=g); x = torch.randn(5, K, generator=g)\n"
+    "    q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8); sc = torch.rand(N, generator=g)\n"
+    "    for M in range(1, 6):\n"
+    "        xm = x[:M].contiguous()\n"
+    "        out += [f(xm, w), f(xm, w.bfloat16()), f(xm, w.half()), f(xm, q, sc)]\n"
+    "        if bf is not None: out.append(bf(xm.bfloat16(), w.bfloat16()))\n"
+    "torch.save(out, sys.argv[1])")
+
+
+def _kernel_bits(tmp_path, tag: str, **env) -> list:
+    """rowmm's outputs (fp32 / bf16 / fp16 / int8 weights, 1..5 rows, odd shapes) from a build made
+    in its own process with these environment settings."""
     import os
     import subprocess
     import sys
 
+    path = tmp_path / f"{tag}.pt"
+    run = subprocess.run([sys.executable, "-c", _BITS_CODE, str(path)], env={**os.environ, **env},
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return torch.load(path)
+
+
+def test_prefetch_builds_give_the_same_bits(tmp_path, monkeypatch):
+    """The two weight-prefetch builds (MTPLX_KERNEL_PREFETCH=l1 / l2: cache level, distance, and on
+    l2 the sequential one-row bf16 stream) change only timing: each, in its own process, gives the
+    same bits for fp32, bf16, fp16 and int8 weights, 1..5 rows, odd shapes. A bad value is a clear error."""
     from mtplx.backends.torch import kernels
 
     if not rowmm_available():
         pytest.skip("no supported instruction set or no compiler here")
-    code = ("import sys, torch; from mtplx.backends.torch import kernels as k; f = k.get_rowmm(); "
-            "assert f is not None, k.kernel_error(); bf = k.rowmm_bf16_fn(); g = torch.Generator().manual_seed(3); out = []\n"
-            "for N, K in [(37, 67), (300, 1024), (1029, 96)]:\n"
-            "    w = torch.randn(N, K, generator=g); x = torch.randn(5, K, generator=g)\n"
-            "    for M in range(1, 6):\n"
-            "        out += [f(x[:M].contiguous(), w), f(x[:M].contiguous(), w.bfloat16())]\n"
-            "        if bf is not None: out.append(bf(x[:M].bfloat16().contiguous(), w.bfloat16()))\n"
-            "torch.save(out, sys.argv[1])")
-    got = {}
-    for level in ("l1", "l2"):
-        env = {**os.environ, "MTPLX_KERNEL_PREFETCH": level}
-        path = tmp_path / f"{level}.pt"
-        run = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True,
-                             timeout=600)
-        assert run.returncode == 0, run.stderr[-2000:]
-        got[level] = torch.load(path)
-    assert len(got["l1"]) == len(got["l2"]) >= 30
-    assert all(torch.equal(a, b) for a, b in zip(got["l1"], got["l2"]))
+    l1 = _kernel_bits(tmp_path, "l1", MTPLX_KERNEL_PREFETCH="l1")
+    l2 = _kernel_bits(tmp_path, "l2", MTPLX_KERNEL_PREFETCH="l2")
+    assert len(l1) == len(l2) >= 80
+    assert all(torch.equal(a, b) for a, b in zip(l1, l2))
     monkeypatch.setenv("MTPLX_KERNEL_PREFETCH", "l3")
     with pytest.raises(ValueError, match="must be one of l1, l2"):
         kernels.prefetch_level()
+
+
+@pytest.mark.parametrize("isa", ["default", "avx2"])
+def test_transposed_horizontal_sums_give_the_same_bits(tmp_path, monkeypatch, isa):
+    """The horizontal sums of a tile's accumulators, done LANES at a time by shuffles across
+    vectors (hsum_lanes), follow the one-vector sum's tree exactly: a build that sums every
+    accumulator on its own (HSUM_TRANSPOSED=0) gives the same bits, on AVX-512 and on AVX2."""
+    from mtplx.backends.torch import kernels
+
+    if not rowmm_available():
+        pytest.skip("no supported instruction set or no compiler here")
+    env = {} if isa == "default" else {"MTPLX_KERNEL_ISA": isa}
+    if isa != "default":
+        monkeypatch.setenv("MTPLX_KERNEL_ISA", isa)
+        if kernels.kernel_isa() != isa:
+            pytest.skip(f"this CPU has no {isa}")
+    fast = _kernel_bits(tmp_path, f"{isa}-lanes", **env)
+    one_by_one = _kernel_bits(tmp_path, f"{isa}-single", MTPLX_KERNEL_DEFINES="HSUM_TRANSPOSED=0", **env)
+    assert len(fast) == len(one_by_one) >= 80
+    assert all(torch.equal(a, b) for a, b in zip(fast, one_by_one))
+    monkeypatch.setenv("MTPLX_KERNEL_DEFINES", "1BAD")
+    with pytest.raises(ValueError, match="not NAME or NAME=VALUE"):
+        kernels.extra_defines()
 
 
 # ---- batched exact-path pieces: attention key tiles, dense MoE, padded elementwise ops -------

@@ -57,7 +57,7 @@ _ISA_FLAGS = {
                ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-DMTPLX_AVX512"]),
     "avx2": (("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
 }
-_VERSION = "v12"
+_VERSION = "v13"
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -110,8 +110,21 @@ def prefetch_level() -> str:
     return "l2" if _cpuinfo("vendor_id") == "AuthenticAMD" else "l1"
 
 
+def extra_defines() -> list[str]:
+    """MTPLX_KERNEL_DEFINES="A=1 B=0": preprocessor switches for kernel experiments and the tests that
+    check a switch changes no bit (HSUM_TRANSPOSED=0: every horizontal sum on its own)."""
+    out = []
+    for item in os.environ.get("MTPLX_KERNEL_DEFINES", "").split():
+        name = item.split("=", 1)[0]
+        if not name.replace("_", "").isalnum() or not name[0].isalpha():
+            raise ValueError(f"MTPLX_KERNEL_DEFINES: {item!r} is not NAME or NAME=VALUE")
+        out.append(f"-D{item}")
+    return out
+
+
 def _name(isa: str) -> str:
-    return f"mtplx_rowmm_{_VERSION}_{isa}_pf{prefetch_level()}"
+    tag = "".join(c if c.isalnum() else "_" for c in "".join(extra_defines()))
+    return f"mtplx_rowmm_{_VERSION}_{isa}_pf{prefetch_level()}" + (f"_{tag}" if tag else "")
 
 
 def get_rowmm():
@@ -126,7 +139,7 @@ def get_rowmm():
         elif isa is None:
             _state["error"] = "this CPU has neither AVX-512 nor AVX2 + FMA + F16C"
         else:
-            prefetch_level()  # a bad MTPLX_KERNEL_PREFETCH is the user's to fix, not a reason to fall back
+            prefetch_level(), extra_defines()  # bad settings are the user's to fix, not a reason to fall back
             try:
                 from torch.utils.cpp_extension import load_inline
 
@@ -136,7 +149,7 @@ def get_rowmm():
 
                 mod = load_inline(_name(isa), cpp_sources=_source(), functions=None,
                                   extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS[isa][1],
-                                                *_PREFETCH_FLAGS[prefetch_level()]],
+                                                *_PREFETCH_FLAGS[prefetch_level()], *extra_defines()],
                                   extra_ldflags=["-fopenmp"], verbose=False)
                 empty = torch.empty(0)
 

@@ -86,6 +86,60 @@ static inline float hsum(V v) {
   return _mm_cvtss_f32(s);
 }
 
+// out[i] = hsum(a[i]) for LANES vectors at once, bit for bit: hsum's own tree (AVX-512: lanes i and
+// i + 8, then i and i + 4, i and i + 2, i and i + 1), each stage one shuffle-add per pair of vectors
+// that packs both halves side by side, instead of a shuffle chain per vector. At the K of a small
+// model (128) the per-vector chains cost as much as the dot products themselves.
+#ifndef HSUM_TRANSPOSED
+#define HSUM_TRANSPOSED 1
+#endif
+#if defined(MTPLX_AVX512)
+static inline void hsum_lanes(const V* a, float* out) {
+  V b[8], c[4], d[2];
+  for (int p = 0; p < 8; p++)  // b[p]: lanes 0-7 a[2p]'s i + (i+8) sums, lanes 8-15 a[2p+1]'s
+    b[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * p], a[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(a[2 * p], a[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int p = 0; p < 4; p++)  // c[p]: quarter m holds a[4p + m]'s i + (i+4) sums
+    c[p] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * p], b[2 * p + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(b[2 * p], b[2 * p + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  for (int p = 0; p < 2; p++)  // d[p], quarter q: a[8p + q]'s two i + (i+2) sums, then a[8p + 4 + q]'s
+    d[p] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * p], c[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(c[2 * p], c[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // e, lane 4q + m: the whole sum of a[q + 4m]
+  const V e = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  _mm512_storeu_ps(out, _mm512_permutexvar_ps(order, e));
+}
+#else
+static inline void hsum_lanes(const V* a, float* out) {  // AVX2: lanes i and i + 4, i and i + 2, i and i + 1
+  V b[4], d[2];
+  for (int p = 0; p < 4; p++)  // b[p]: half 0 a[2p]'s i + (i+4) sums, half 1 a[2p+1]'s
+    b[p] = _mm256_add_ps(_mm256_permute2f128_ps(a[2 * p], a[2 * p + 1], 0x20),
+                         _mm256_permute2f128_ps(a[2 * p], a[2 * p + 1], 0x31));
+  for (int p = 0; p < 2; p++)  // d[p], half q: a[4p + q]'s two i + (i+2) sums, then a[4p + 2 + q]'s
+    d[p] = _mm256_add_ps(_mm256_shuffle_ps(b[2 * p], b[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm256_shuffle_ps(b[2 * p], b[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // e, lane 4q + m: the whole sum of a[q + 2m]
+  const V e = _mm256_add_ps(_mm256_shuffle_ps(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm256_shuffle_ps(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  _mm256_storeu_ps(out, _mm256_permutevar8x32_ps(e, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+}
+#endif
+
+// y[r * ldy + j] = hsum(acc[j][r]) (* scale[j]): LANES sums at a time by hsum_lanes, the rest one by one
+template <int NB, int R>
+static inline void store_sums(const V* a, float* y, int64_t ldy, const float* scale) {  // a[j * R + r]
+  constexpr int n = NB * R;
+  alignas(64) float s[n];
+  int i = 0;
+  if (HSUM_TRANSPOSED)
+    for (; i + LANES <= n; i += LANES) hsum_lanes(a + i, s + i);
+  for (; i < n; i++) s[i] = hsum(a[i]);
+  for (int j = 0; j < NB; j++)
+    for (int r = 0; r < R; r++) y[r * ldy + j] = scale ? s[j * R + r] * scale[j] : s[j * R + r];
+}
+
 // K is consumed in chunks of CHUNK<W> values: LANES, or 2 x LANES for bf16 weights, whose chunk is
 // loaded as its even-index and its odd-index values (ldw_even / ldw_odd), each FMA'd with the matching
 // half of x: run() lays x out that way (x_layout), each chunk's even values first.
@@ -93,25 +147,25 @@ template <typename W> struct Chunk { static constexpr int64_t n = LANES; static 
 template <> struct Chunk<at::BFloat16> { static constexpr int64_t n = 2 * LANES; static constexpr bool paired = true; };
 
 template <typename W, int NB, int R>
-static inline void chunk_fma(const float* x, int64_t Kp, int64_t k, const W* const* wj, int64_t kw, V (&acc)[NB][R]) {
+static inline void chunk_fma(const float* x, int64_t Kp, int64_t k, const W* const* wj, int64_t kw, V* acc) {
   if constexpr (Chunk<W>::paired) {  // every accumulator: the even FMA, then the odd one
     V xv[R];
     for (int r = 0; r < R; r++) xv[r] = ldx(x + r * Kp + k);
     for (int j = 0; j < NB; j++) {
       V we = ldw_even(wj[j] + kw);
-      for (int r = 0; r < R; r++) acc[j][r] = vfma(we, xv[r], acc[j][r]);
+      for (int r = 0; r < R; r++) acc[j * R + r] = vfma(we, xv[r], acc[j * R + r]);
     }
     for (int r = 0; r < R; r++) xv[r] = ldx(x + r * Kp + k + LANES);
     for (int j = 0; j < NB; j++) {
       V wo = ldw_odd(wj[j] + kw);
-      for (int r = 0; r < R; r++) acc[j][r] = vfma(wo, xv[r], acc[j][r]);
+      for (int r = 0; r < R; r++) acc[j * R + r] = vfma(wo, xv[r], acc[j * R + r]);
     }
   } else {
     V xv[R];
     for (int r = 0; r < R; r++) xv[r] = ldx(x + r * Kp + k);
     for (int j = 0; j < NB; j++) {
       V wv = ldw(wj[j] + kw);
-      for (int r = 0; r < R; r++) acc[j][r] = vfma(wv, xv[r], acc[j][r]);
+      for (int r = 0; r < R; r++) acc[j * R + r] = vfma(wv, xv[r], acc[j * R + r]);
     }
   }
 }
@@ -140,11 +194,9 @@ static inline void prefetch_lines(const char* const* row, int64_t offset, int64_
 // chunk); a weight row's last partial chunk is copied into a zeroed buffer. acc[j][r] is the
 // whole dot product.
 template <typename W, int NB, int R>
-static inline void tile(const float* x, int64_t Kp, int64_t K, const W* w, float* y, int64_t ldy, const float* scale,
-                        bool pf) {
+static inline void tile_acc(const float* x, int64_t Kp, int64_t K, const W* w, bool pf, V* acc) {
   constexpr int64_t CH = Chunk<W>::n, CHB = CH * (int64_t)sizeof(W);  // values / bytes of a row per chunk
-  V acc[NB][R];
-  for (int j = 0; j < NB; j++) for (int r = 0; r < R; r++) acc[j][r] = vzero();
+  for (int i = 0; i < NB * R; i++) acc[i] = vzero();
   const W* wj[NB];
   const char* rows[NB];
   for (int j = 0; j < NB; j++) wj[j] = w + j * K, rows[j] = (const char*)wj[j];
@@ -164,11 +216,14 @@ static inline void tile(const float* x, int64_t Kp, int64_t K, const W* w, float
     }
     chunk_fma<W, NB, R>(x, Kp, Km, bj, 0, acc);
   }
-  for (int j = 0; j < NB; j++)
-    for (int r = 0; r < R; r++) {
-      float s = hsum(acc[j][r]);
-      y[r * ldy + j] = scale ? s * scale[j] : s;
-    }
+}
+
+template <typename W, int NB, int R>
+static inline void tile(const float* x, int64_t Kp, int64_t K, const W* w, float* y, int64_t ldy, const float* scale,
+                        bool pf) {
+  V acc[NB * R];
+  tile_acc<W, NB, R>(x, Kp, K, w, pf, acc);
+  store_sums<NB, R>(acc, y, ldy, scale);
 }
 
 // x [M, K] -> the layout tile<W> reads: rows zero-padded to Kp (a whole number of chunks); for
@@ -280,11 +335,10 @@ torch::Tensor rowmm(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64
 #define DOT_SEQUENTIAL_ROWS 1
 #endif
 static_assert(DOT_SEQUENTIAL_ROWS >= 1 && DOT_SEQUENTIAL_ROWS <= 4, "DOT_SEQUENTIAL_ROWS: 1..4");
+// acc[j * R + r] = the dot products of weight row j with x row r, one vdpbf16ps chain each
 template <int NB, int R>
-static inline void tile_dot(const at::BFloat16* x, int64_t Kp, int64_t K, const at::BFloat16* w, float* y, int64_t ldy,
-                            bool pf) {
-  __m512 acc[NB][R];
-  for (int j = 0; j < NB; j++) for (int r = 0; r < R; r++) acc[j][r] = _mm512_setzero_ps();
+static inline void dot_acc(const at::BFloat16* x, int64_t Kp, int64_t K, const at::BFloat16* w, bool pf, V* acc) {
+  for (int i = 0; i < NB * R; i++) acc[i] = _mm512_setzero_ps();
   const char* rows[NB];
   for (int j = 0; j < NB; j++) rows[j] = (const char*)(w + j * K);
   const int64_t Km = K - K % 32, tile_bytes = NB * K * 2;
@@ -294,7 +348,7 @@ static inline void tile_dot(const at::BFloat16* x, int64_t Kp, int64_t K, const 
     for (int r = 0; r < R; r++) xv[r] = (__m512bh)_mm512_loadu_si512((const void*)(x + r * Kp + k));
     for (int j = 0; j < NB; j++) {
       __m512bh wv = (__m512bh)_mm512_loadu_si512((const void*)(w + j * K + k));
-      for (int r = 0; r < R; r++) acc[j][r] = _mm512_dpbf16_ps(acc[j][r], wv, xv[r]);
+      for (int r = 0; r < R; r++) acc[j * R + r] = _mm512_dpbf16_ps(acc[j * R + r], wv, xv[r]);
     }
   }
   if (Km < K) {
@@ -304,10 +358,33 @@ static inline void tile_dot(const at::BFloat16* x, int64_t Kp, int64_t K, const 
       alignas(64) uint16_t buf[32] = {0};
       std::memcpy(buf, w + j * K + Km, (K - Km) * sizeof(uint16_t));
       __m512bh wv = (__m512bh)_mm512_loadu_si512((const void*)buf);
-      for (int r = 0; r < R; r++) acc[j][r] = _mm512_dpbf16_ps(acc[j][r], wv, xv[r]);
+      for (int r = 0; r < R; r++) acc[j * R + r] = _mm512_dpbf16_ps(acc[j * R + r], wv, xv[r]);
     }
   }
-  for (int j = 0; j < NB; j++) for (int r = 0; r < R; r++) y[r * ldy + j] = hsum(acc[j][r]);
+}
+
+template <int NB, int R>
+static inline void tile_dot(const at::BFloat16* x, int64_t Kp, int64_t K, const at::BFloat16* w, float* y, int64_t ldy,
+                            bool pf) {
+  V acc[NB * R];
+  dot_acc<NB, R>(x, Kp, K, w, pf, acc);
+  store_sums<NB, R>(acc, y, ldy, nullptr);
+}
+
+// nc columns for R rows, each weight row read whole before the next (one sequential stream, no
+// software prefetch), the sums of LANES / R columns at a time
+template <int R>
+static inline void seq_dot(const at::BFloat16* x, int64_t Kp, int64_t K, const at::BFloat16* w, float* y, int64_t ldy,
+                           int64_t nc) {
+  constexpr int G = LANES / R;
+  int64_t j = 0;
+  for (; j + G <= nc; j += G) {
+    V acc[G * R];
+#pragma GCC unroll 16
+    for (int c = 0; c < G; c++) dot_acc<1, R>(x, Kp, K, w + (j + c) * K, false, acc + c * R);
+    store_sums<G, R>(acc, y + j, ldy, nullptr);
+  }
+  for (; j < nc; j++) tile_dot<1, R>(x, Kp, K, w + j * K, y + j, ldy, false);
 }
 
 template <int NB, int R>
@@ -323,10 +400,10 @@ static void run_cols_dot(const at::BFloat16* x, int64_t M, int64_t Kp, int64_t K
   if (DOT_DECODE_SEQUENTIAL && M <= DOT_SEQUENTIAL_ROWS) {
     const at::BFloat16* wc = w + c0 * K;
     const int64_t nc = c1 - c0;
-    if (M == 1) cols_dot<1, 1>(x, Kp, K, wc, y + c0, N, nc, false);
-    else if (M == 2) cols_dot<1, 2>(x, Kp, K, wc, y + c0, N, nc, false);
-    else if (M == 3) cols_dot<1, 3>(x, Kp, K, wc, y + c0, N, nc, false);
-    else cols_dot<1, 4>(x, Kp, K, wc, y + c0, N, nc, false);
+    if (M == 1) seq_dot<1>(x, Kp, K, wc, y + c0, N, nc);
+    else if (M == 2) seq_dot<2>(x, Kp, K, wc, y + c0, N, nc);
+    else if (M == 3) seq_dot<3>(x, Kp, K, wc, y + c0, N, nc);
+    else seq_dot<4>(x, Kp, K, wc, y + c0, N, nc);
     return;
   }
   for (int64_t c = c0; c < c1; c += 8) {
@@ -385,18 +462,21 @@ static void gdn_seq(const GdnShape& g, int64_t T, const float* X, int64_t sx, co
   const int64_t C = g.C, K1 = g.K1, K = K1 + 1, nk = g.nk, dk = g.dk, nv = g.nv, dv = g.dv;
   const int64_t r = nv / nk, key_dim = nk * dk;
   const float qscale = 1.0f / std::sqrt((float)dk);
-  std::vector<float> act(C), qn(key_dim), kn(key_dim);
+  std::vector<float> act(C), qn(key_dim), kn(key_dim), Wt(K * C);
+  for (int64_t c = 0; c < C; c++)  // the conv taps by tap: the channel loops below run over contiguous memory
+    for (int64_t j = 0; j < K; j++) Wt[j * C + c] = W[c * K + j];
   const float* Sprev = S0;
   for (int64_t t = 0; t < T; t++) {
-    for (int64_t c = 0; c < C; c++) {  // window rows t..t+K-1 of [state; mixed]
-      float acc = 0.0f;
-      for (int64_t j = 0; j < K; j++) {
-        const int64_t row = t + j;
-        const float xv = row < K1 ? P[row * C + c] : X[(row - K1) * sx + c];
-        acc = j == 0 ? xv * W[c * K] : acc + xv * W[c * K + j];
-      }
-      act[c] = silu_f(acc);
+    // causal conv over window rows t..t+K-1 of [state; mixed], taps in order per channel, then SiLU
+    auto window_row = [&](int64_t row) { return row < K1 ? P + row * C : X + (row - K1) * sx; };
+    const float* x0 = window_row(t);
+    for (int64_t c = 0; c < C; c++) act[c] = x0[c] * Wt[c];
+    for (int64_t j = 1; j < K; j++) {
+      const float* xj = window_row(t + j);
+      const float* wj = &Wt[j * C];
+      for (int64_t c = 0; c < C; c++) act[c] = act[c] + xj[c] * wj[c];
     }
+    for (int64_t c = 0; c < C; c++) act[c] = silu_f(act[c]);
     for (int64_t h = 0; h < nk; h++) {
       float sq = 0.0f, sk = 0.0f;
       for (int64_t i = 0; i < dk; i++) { float q = act[h * dk + i], k = act[key_dim + h * dk + i]; sq += q * q; sk += k * k; }
@@ -414,18 +494,35 @@ static void gdn_seq(const GdnShape& g, int64_t T, const float* X, int64_t sx, co
         const float decay = std::exp(-std::exp(Al[hv]) * softplus_f(Ag[t * sa + hv] + Dt[hv]));
         const float* S = Sprev + hv * dk * dv;
         float* Sn = Snow + hv * dk * dv;
-        for (int64_t i = 0; i < dk * dv; i++) Sn[i] = S[i] * decay;
-        for (int64_t j = 0; j < dv; j++) ks[j] = 0.0f;
-        for (int64_t i = 0; i < dk; i++) for (int64_t j = 0; j < dv; j++) ks[j] += k[i] * Sn[i * dv + j];
-        for (int64_t j = 0; j < dv; j++) ks[j] = (v[j] - ks[j]) * beta;  // delta
-        for (int64_t i = 0; i < dk; i++) for (int64_t j = 0; j < dv; j++) Sn[i * dv + j] += k[i] * ks[j];
-        for (int64_t j = 0; j < dv; j++) o[j] = 0.0f;
-        for (int64_t i = 0; i < dk; i++) for (int64_t j = 0; j < dv; j++) o[j] += q[i] * Sn[i * dv + j];
+        // two passes over the state, each row once: decay and k . S, then the update and q . S
+        // (every sum still runs over i in order, so the bits are those of one pass per step)
+        float* kS = ks.data();
+        for (int64_t j = 0; j < dv; j++) kS[j] = 0.0f;
+        for (int64_t i = 0; i < dk; i++) {
+          const float* si = S + i * dv;
+          float* ni = Sn + i * dv;
+          const float ki = k[i];
+          for (int64_t j = 0; j < dv; j++) {
+            ni[j] = si[j] * decay;
+            kS[j] += ki * ni[j];
+          }
+        }
+        for (int64_t j = 0; j < dv; j++) kS[j] = (v[j] - kS[j]) * beta;  // delta
+        float* oq = o.data();
+        for (int64_t j = 0; j < dv; j++) oq[j] = 0.0f;
+        for (int64_t i = 0; i < dk; i++) {
+          float* ni = Sn + i * dv;
+          const float ki = k[i], qi = q[i];
+          for (int64_t j = 0; j < dv; j++) {
+            ni[j] += ki * kS[j];
+            oq[j] += qi * ni[j];
+          }
+        }
         float ms = 0.0f;
-        for (int64_t j = 0; j < dv; j++) ms += o[j] * o[j];
+        for (int64_t j = 0; j < dv; j++) ms += oq[j] * oq[j];
         const float rn = 1.0f / std::sqrt(ms / (float)dv + g.eps);
         const float* zr = Z + t * sz + hv * dv;
-        for (int64_t j = 0; j < dv; j++) Y[t * nv * dv + hv * dv + j] = o[j] * rn * G[j] * silu_f(zr[j]);
+        for (int64_t j = 0; j < dv; j++) Y[t * nv * dv + hv * dv + j] = oq[j] * rn * G[j] * silu_f(zr[j]);
       }
     };
     // heads are independent: big states (a Qwen3.5 layer's 16 x 128 x 128) split across threads

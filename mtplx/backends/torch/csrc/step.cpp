@@ -391,25 +391,30 @@ class Step {
     round_all(y.data(), N * W, kind_);
     for (size_t i = 0; i < seqs.size(); i++) {
       const Seq& sq = seqs[i];
-      auto conv = caches[2 * i].to(torch::kFloat32).contiguous();
-      const torch::Tensor& S0 = caches[2 * i + 1];
-      TORCH_CHECK(conv.size(0) == s.K1 && conv.size(1) == C && S0.dtype() == torch::kFloat32 && S0.is_contiguous() &&
-                  S0.numel() == s.nv * s.dk * s.dv, "Step.run: GatedDeltaNet cache");
+      const torch::Tensor &conv = caches[2 * i], &S0 = caches[2 * i + 1];
+      TORCH_CHECK(conv.is_contiguous() && conv.dim() == 2 && conv.size(0) == s.K1 && conv.size(1) == C &&
+                  S0.dtype() == torch::kFloat32 && S0.is_contiguous() && S0.numel() == s.nv * s.dk * s.dv,
+                  "Step.run: GatedDeltaNet cache");
+      const int conv_kind = kind_of(conv);
+      std::vector<float> P(s.K1 * C);  // the conv window before this step, fp32 (no torch op: ~9 us a layer)
+      const void* conv_p = conv.data_ptr();
+      for (int64_t j = 0; j < s.K1 * C; j++) P[j] = load_any(conv_p, conv_kind, j);
       auto st = reusable({sq.T, s.nv, s.dk, s.dv});
       const float* yr = &y[sq.row0 * W];
-      gdn_seq(s, sq.T, yr, W, yr + C, W, yr + C + vd, W, yr + C + vd + s.nv, W, conv.data_ptr<float>(), g.conv_w,
+      gdn_seq(s, sq.T, yr, W, yr + C, W, yr + C + vd, W, yr + C + vd + s.nv, W, P.data(), g.conv_w,
               g.A_log, g.dt_bias, S0.data_ptr<float>(), g.gnorm, &core[sq.row0 * vd], st.data_ptr<float>());
       states.push_back(st);
-      auto cv = torch::empty({sq.T, s.K1, C}, torch::TensorOptions().dtype(torch::kFloat32));
-      const float* P = conv.data_ptr<float>();
-      float* CV = cv.data_ptr<float>();
+      // the conv window after each position, in the model dtype (its values already are: exact)
+      auto cv = torch::empty({sq.T, s.K1, C}, embed_.options());
+      void* cv_p = cv.data_ptr();
       for (int64_t t = 0; t < sq.T; t++)  // rows t+1 .. t+K-1 of [conv state; this step's rows]
         for (int64_t j = 0; j < s.K1; j++) {
           const int64_t src = t + 1 + j;
-          const float* from = src < s.K1 ? P + src * C : yr + (src - s.K1) * W;
-          std::memcpy(CV + (t * s.K1 + j) * C, from, C * sizeof(float));
+          const float* from = src < s.K1 ? &P[src * C] : yr + (src - s.K1) * W;
+          const int64_t o = (t * s.K1 + j) * C;
+          for (int64_t c = 0; c < C; c++) store_any(cv_p, kind_, o + c, from[c]);
         }
-      convs.push_back(kind_ == KF32 ? cv : cv.to(embed_.dtype()));  // values already in the model dtype
+      convs.push_back(cv);
     }
     round_all(core.data(), N * vd, kind_);
     matmul(core.data(), N, g.out, out, kind_, par_);
