@@ -17,7 +17,8 @@ What it does (not part of the test run; the first run builds llama.cpp, ~5-15 mi
    best MTP depth's tok/s;
 5. the machine's streaming-read bandwidth (a large array summed) as the roofline: the weight
    bytes read per token / ms per token.
-Runs alternate between the two runtimes per configuration; nothing else should run meanwhile.
+Runs alternate between the two runtimes round by round (--reps rounds per configuration: llama.cpp,
+then mtplx), each figure the median over rounds; nothing else should run meanwhile.
 """
 
 from __future__ import annotations
@@ -223,7 +224,7 @@ def main():
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--n-gen", type=int, default=64)
     ap.add_argument("--k", default="2,3,4,5", help="verify / batch row counts for r(k)")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3, help="interleaved rounds (llama.cpp, then mtplx) per configuration")
     ap.add_argument("--cache", type=Path, default=CACHE)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--json", type=Path, default=None)
@@ -244,26 +245,47 @@ def main():
             model = mtplx.load(str(ckpt), backend="torch", dtype="float32" if dtype == "f32" else "bfloat16")
             for th in [int(t) for t in args.threads.split(",")]:
                 torch.set_num_threads(th)
-                ours = mtplx_costs(model, args.n_gen, ks, args.reps)
-                theirs = llama_bench(exe, gguf, th, args.n_gen, ks, args.reps)
                 row = {"model": name, "dtype": dtype, "threads": th, "kernel": model.model.kernel,
-                       "mtplx_ms": round(ours["ms_per_token"], 3), "llama_ms": round(theirs["ms_per_token"], 3),
-                       "ratio": round(ours["ms_per_token"] / theirs["ms_per_token"], 3),
-                       "mtplx_r": {k: round(v, 2) for k, v in ours["r"].items()},
-                       "llama_r": {k: round(v, 2) for k, v in theirs["r"].items()},
+                       **interleaved(model, exe, gguf, th, args.n_gen, ks, args.reps, mtp=model.has_mtp and name == "default"),
                        "weights_mb": round(weight_bytes(model) / 2**20, 1)}
-                row["mtplx_gbs"] = round(weight_bytes(model) / ours["ms_per_token"] / 1e6, 1)
-                if model.has_mtp and name == "default":
-                    tps = mtplx_mtp(model, [1, 2, 3, 4], args.n_gen * 2)
-                    best = max(tps, key=tps.get)
-                    row["mtplx_best_mtp"] = {"depth": best, "tok_s": round(tps[best], 1),
-                                             "vs_llama_plain": round(tps[best] * theirs["ms_per_token"] / 1000, 3)}
+                row["mtplx_gbs"] = round(weight_bytes(model) / row["mtplx_ms"] / 1e6, 1)
                 rows.append(row)
                 print(_line(row), flush=True)
     bw = {th: round(read_bandwidth_gbs(int(th)), 1) for th in args.threads.split(",")}
     print(f"streaming-read bandwidth (roofline): " + ", ".join(f"{t} thread(s) {v} GB/s" for t, v in bw.items()))
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "read_bandwidth_gbs": bw}, indent=2))
+
+
+def interleaved(model, exe: Path, gguf: Path, threads: int, n_gen: int, ks: list[int], rounds: int, mtp: bool) -> dict:
+    """`rounds` rounds of llama.cpp then mtplx, one right after the other, so a shared machine's slow
+    stretches hit both; each figure is the median over rounds, each ratio the median of the
+    rounds' own ratios."""
+    from statistics import median
+
+    per_round = []
+    for _ in range(rounds):
+        theirs = llama_bench(exe, gguf, threads, n_gen, ks, 1)
+        ours = mtplx_costs(model, n_gen, ks, 2)
+        r = {"theirs": theirs, "ours": ours}
+        if mtp:
+            r["tps"] = mtplx_mtp(model, [0, 1, 2, 3, 4], n_gen * 2)
+        per_round.append(r)
+    med = lambda f: median(f(r) for r in per_round)  # noqa: E731
+    out = {"mtplx_ms": round(med(lambda r: r["ours"]["ms_per_token"]), 3),
+           "llama_ms": round(med(lambda r: r["theirs"]["ms_per_token"]), 3),
+           "ratio": round(med(lambda r: r["ours"]["ms_per_token"] / r["theirs"]["ms_per_token"]), 3),
+           "mtplx_r": {k: round(med(lambda r: r["ours"]["r"][k]), 2) for k in ks},
+           "llama_r": {k: round(med(lambda r: r["theirs"]["r"][k]), 2) for k in ks},
+           "rounds": rounds}
+    if mtp:
+        depths = per_round[0]["tps"].keys()
+        tps = {d: med(lambda r: r["tps"][d]) for d in depths}
+        best = max((d for d in tps if d > 0), key=tps.get)
+        vs = med(lambda r: r["tps"][best] * r["theirs"]["ms_per_token"] / 1000)
+        out["mtplx_mtp_tok_s"] = {d: round(v, 1) for d, v in tps.items()}
+        out["mtplx_best_mtp"] = {"depth": best, "tok_s": round(tps[best], 1), "vs_llama_plain": round(vs, 3)}
+    return out
 
 
 def _line(r: dict) -> str:
@@ -273,7 +295,8 @@ def _line(r: dict) -> str:
          f"  llama.cpp {rk(r['llama_r'])}")
     if "mtplx_best_mtp" in r:
         b = r["mtplx_best_mtp"]
-        s += f"  | mtplx MTP depth {b['depth']}: {b['tok_s']} tok/s = {b['vs_llama_plain']:.2f}x llama.cpp plain"
+        s += (f"  | mtplx generate: depth 0 {r['mtplx_mtp_tok_s'][0]} tok/s, best MTP depth {b['depth']} {b['tok_s']} tok/s"
+              f" = {b['vs_llama_plain']:.2f}x llama.cpp plain")
     return s
 
 

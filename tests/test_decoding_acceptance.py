@@ -261,6 +261,8 @@ def test_spec_forms_and_torch_agree_exactly():
         assert (int(ng[0]), int(xg[0])) == gw
         gn, gx = spec.accept_greedy_batch(logits[None], np.array([gd]).reshape(1, D))
         assert (int(gn[0]), int(gx[0])) == gw
+        for dt in (torch.float64, torch.float32):  # the one-sequence path (fp32: the kernel's argmax once loaded)
+            assert ts.accept(torch.from_numpy(logits).to(dt), gd, None, SamplingParams(temperature=0.0), None) == gw
 
 
 def test_greedy_rule():

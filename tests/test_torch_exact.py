@@ -417,12 +417,16 @@ _BITS_CODE = (
     "        xm = x[:M].contiguous()\n"
     "        out += [f(xm, w), f(xm, w.bfloat16()), f(xm, w.half()), f(xm, q, sc)]\n"
     "        if bf is not None: out.append(bf(xm.bfloat16(), w.bfloat16()))\n"
+    "for nh, nkv, hd, pos0 in [(8, 2, 64, 50), (4, 1, 32, 20), (2, 2, 16, 7)]:\n"
+    "    K, V = torch.randn(2, nkv, 64, hd, generator=g); q = torch.randn(3, nh, hd, generator=g)\n"
+    "    for dt in (torch.float32, torch.bfloat16):\n"
+    "        out.append(k.get_fused().attend_rows(q, K.to(dt).contiguous(), V.to(dt).contiguous(), pos0, hd ** -0.5))\n"
     "torch.save(out, sys.argv[1])")
 
 
 def _kernel_bits(tmp_path, tag: str, **env) -> list:
-    """rowmm's outputs (fp32 / bf16 / fp16 / int8 weights, 1..5 rows, odd shapes) from a build made
-    in its own process with these environment settings."""
+    """rowmm's outputs (fp32 / bf16 / fp16 / int8 weights, 1..5 rows, odd shapes) and attend_rows'
+    (fp32 / bf16 caches, GQA groups) from a build made in its own process with these settings."""
     import os
     import subprocess
     import sys
@@ -454,8 +458,9 @@ def test_prefetch_builds_give_the_same_bits(tmp_path, monkeypatch):
 @pytest.mark.parametrize("isa", ["default", "avx2"])
 def test_transposed_horizontal_sums_give_the_same_bits(tmp_path, monkeypatch, isa):
     """The horizontal sums of a tile's accumulators, done LANES at a time by shuffles across
-    vectors (hsum_lanes), follow the one-vector sum's tree exactly: a build that sums every
-    accumulator on its own (HSUM_TRANSPOSED=0) gives the same bits, on AVX-512 and on AVX2."""
+    vectors (hsum_lanes: a matmul tile's, or attention's scores of LANES keys), follow the one-vector
+    sum's tree exactly: a build that sums every accumulator on its own (HSUM_TRANSPOSED=0) gives the
+    same bits, on AVX-512 and on AVX2."""
     from mtplx.backends.torch import kernels
 
     if not rowmm_available():
@@ -472,6 +477,30 @@ def test_transposed_horizontal_sums_give_the_same_bits(tmp_path, monkeypatch, is
     monkeypatch.setenv("MTPLX_KERNEL_DEFINES", "1BAD")
     with pytest.raises(ValueError, match="not NAME or NAME=VALUE"):
         kernels.extra_defines()
+
+
+def test_kernel_argmax_matches_torch_max():
+    """The greedy choice's kernel (argmax_rows) returns what torch's max(dim).indices does: the first
+    index of the maximum, the first NaN when there is one, for fp32 / bf16 / fp16 rows of any leading
+    shape; sampling.argmax uses it once a model loaded the kernel."""
+    from mtplx.backends.torch import kernels, sampling
+
+    if not rowmm_available():
+        pytest.skip("no supported instruction set or no compiler here")
+    mod = kernels.get_fused()
+    g = torch.Generator().manual_seed(0)
+    nan, inf = float("nan"), float("inf")
+    cases = [torch.randn(4104, generator=g), torch.randn(3, 5, 4104, generator=g), torch.tensor([1.0, 3.0, 3.0]),
+             torch.tensor([1.0, nan, 3.0, nan]), torch.tensor([nan, nan]), torch.tensor([-inf, -inf]),
+             torch.tensor([1.0, inf, inf, 2.0]), torch.tensor([7.0]),
+             torch.randint(0, 3, (6, 50), generator=g).float()]  # many ties
+    for x in cases:
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            y = x.to(dt)
+            want = y.max(dim=-1).indices
+            assert torch.equal(mod.argmax_rows(y), want), (x, dt)
+            assert torch.equal(sampling.argmax(y), want)
+    assert kernels.loaded() is mod
 
 
 # ---- batched exact-path pieces: attention key tiles, dense MoE, padded elementwise ops -------

@@ -187,6 +187,12 @@ def get_fused():
     return _state.get("mod") if rowmm_fn() is not None else None
 
 
+def loaded() -> object | None:
+    """The build's module if a model already loaded it, else None (never builds: for helpers
+    such as the greedy argmax that must not compile anything for a pure-torch model)."""
+    return _state.get("mod")
+
+
 def active_isa() -> str | None:
     """The instruction set of the loaded kernel (after get_rowmm), or None."""
     return _state.get("isa")

@@ -4,6 +4,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.def("attend_rows", &attend_rows, "few-row attention over a KV cache, fixed order per row");
   m.def("rowmm", &rowmm, "fixed-order few-row matmul");
+  m.def("argmax_rows", &argmax_rows, "per row the first index of the maximum (or of the first NaN)");
   m.def("gdn_core", &gdn_core, "fused GatedDeltaNet step between its projections");
   m.def("rms_rows", &rms_rows, "RMS norm of rows, fp32 math, fixed order");
   m.def("moe_act", &moe_act, "dense MoE routing and activations between the two matmuls");

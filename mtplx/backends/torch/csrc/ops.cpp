@@ -702,7 +702,26 @@ static void attend_group(const float* q, const KV* Kc, const KV* Vc, int64_t n_k
   sc.resize(G * n_keys);
   float mx[G], sum[G];
   for (int h = 0; h < G; h++) { mx[h] = -INFINITY; sum[h] = 0.0f; }
-  for (int64_t j = 0; j < n_keys; j++) {
+  int64_t j = 0;
+  for (; HSUM_TRANSPOSED && j + LANES <= n_keys; j += LANES) {  // LANES keys: their sums by hsum_lanes
+    for (int h = 0; h < G; h++) {
+      V q_h[NV];
+      for (int i = 0; i < NV; i++) q_h[i] = ldx(q + h * hd + i * LANES);
+      V acc[LANES];
+      for (int u = 0; u < LANES; u++) {
+        const KV* kr = Kc + (j + u) * hd;
+        acc[u] = vzero();
+        for (int i = 0; i < NV; i++) acc[u] = vfma(ldw(kr + i * LANES), q_h[i], acc[u]);
+      }
+      float* s_h = &sc[h * n_keys + j];
+      hsum_lanes(acc, s_h);
+      for (int u = 0; u < LANES; u++) {
+        s_h[u] *= scale;
+        mx[h] = std::max(mx[h], s_h[u]);
+      }
+    }
+  }
+  for (; j < n_keys; j++) {
     const KV* kr = Kc + j * hd;
     V kv[NV];
     for (int i = 0; i < NV; i++) kv[i] = ldw(kr + i * LANES);
@@ -801,4 +820,36 @@ torch::Tensor attend_rows(torch::Tensor q, torch::Tensor K, torch::Tensor Vt, in
   else if (K.dtype() == torch::kFloat16) attend_all<at::Half>(Q, K.data_ptr<at::Half>(), Vt.data_ptr<at::Half>(), O, T, nh, nkv, hd, cap, pos0, sc);
   else TORCH_CHECK(false, "attend_rows: unsupported cache dtype");
   return o.to(q.dtype());
+}
+
+// ---- greedy choice: x [R, V] (fp32 / bf16 / fp16) -> int64 [R], per row the first index of the
+// maximum, or of the first NaN when there is one (what torch's max(dim).indices returns), in a
+// microsecond where torch's reduction takes 7-30
+template <typename T>
+static int64_t argmax_row(const T* x, int64_t V) {
+  int64_t best = 0;
+  float bv = (float)x[0];
+  if (std::isnan(bv)) return 0;
+  for (int64_t i = 1; i < V; i++) {
+    const float v = (float)x[i];
+    if (std::isnan(v)) return i;
+    if (v > bv) { bv = v; best = i; }
+  }
+  return best;
+}
+
+torch::Tensor argmax_rows(torch::Tensor x) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0 && x.device().is_cpu(), "argmax_rows: a CPU tensor [..., V], V > 0");
+  auto xc = x.contiguous();
+  const int64_t V = xc.size(-1), R = xc.numel() / V;
+  std::vector<int64_t> shape(xc.sizes().begin(), xc.sizes().end() - 1);
+  auto out = torch::empty(shape, torch::TensorOptions().dtype(torch::kInt64));
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; r++) {
+    if (xc.dtype() == torch::kFloat32) o[r] = argmax_row(xc.data_ptr<float>() + r * V, V);
+    else if (xc.dtype() == torch::kBFloat16) o[r] = argmax_row(xc.data_ptr<at::BFloat16>() + r * V, V);
+    else if (xc.dtype() == torch::kFloat16) o[r] = argmax_row(xc.data_ptr<at::Half>() + r * V, V);
+    else TORCH_CHECK(false, "argmax_rows: fp32 / bf16 / fp16 only, got ", xc.dtype());
+  }
+  return out;
 }
