@@ -174,3 +174,38 @@ def test_tool_task_through_the_python_api(model, one_thread):
     assert reply.finish_reason == "tool_calls", reply.result.text
     assert [(c.name, c.arguments) for c in reply.tool_calls] == [("get_weather", {"city": "Oslo"})]
     assert not reply.failures
+
+
+@pytest.mark.parametrize("dtype,hidden_source", [("float32", "post"), ("bfloat16", "post"), ("float32", "pre")])
+def test_drafts_in_one_call_equal_step_by_step(one_thread, monkeypatch, dtype, hidden_source):
+    """Greedy drafting in one compiled call (TorchSession.chain_drafts, Step.draft_chain) drafts
+    exactly the tokens of one head call and one argmax per step, cycle by cycle, and the output
+    stays depth 0's."""
+    import mtplx
+    from mtplx.backends.torch.session import TorchSession
+    from mtplx.decoding.loop import generate_steps
+    from mtplx.decoding.params import SamplingParams
+
+    model = mtplx.load(dtype=dtype)
+    if model.model.kernel != "fused":
+        pytest.skip("the fused kernel is not available here")
+    ids = model.encode_prompt(CHAT)
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    drafts = {}
+    real_draft = TorchSession.draft
+
+    def recording(self, depth, p, rng):
+        out = real_draft(self, depth, p, rng)
+        drafts[self.chain_drafts].append(list(out[0]))
+        return out
+
+    monkeypatch.setattr(TorchSession, "draft", recording)
+    outs = {}
+    for chained in (True, False):
+        monkeypatch.setattr(TorchSession, "chain_drafts", chained)
+        drafts[chained] = []
+        session = TorchSession(model.model, hidden_source=hidden_source)
+        outs[chained] = [s.token_id for s in generate_steps(session, ids, params, depth=3)]
+    base = [s.token_id for s in generate_steps(TorchSession(model.model, hidden_source=hidden_source), ids, params)]
+    assert len(drafts[True]) >= 10 and drafts[True] == drafts[False]
+    assert outs[True] == outs[False] == base

@@ -232,6 +232,10 @@ class SessionBase:
             if batch is None:  # sample_first and commit always leave the pair (h[pos-1], last)
                 raise RuntimeError("draft: no verified pair is pending (call sample_first or commit first)")
             pending.append((i, *batch))
+        if n == 1 and pending:  # one greedy session: the backend may draft every step in one call
+            chain = getattr(sessions[0], "_draft_chain", lambda *a: None)(tuple(pending[0][1:]), depths[0], params[0])
+            if chain is not None:
+                return [([int(t) for t in chain], None)]
         while pending:
             results = cls._head_rows_many([(sessions[i], *rest) for i, *rest in pending])
             step = []

@@ -133,4 +133,24 @@ def head_rows(head, hidden: torch.Tensor, next_ids: torch.Tensor, spans, caches,
     return out[0], out[1], out[2]
 
 
-__all__ = ["unsupported", "target_step", "head_rows", "reset"]
+def draft_chain(head, hidden: torch.Tensor, next_ids: torch.Tensor, pos0: int, cache, depth: int,
+                use_post: bool) -> list[int]:
+    """`depth` greedy drafts in one compiled call: the pending pairs (hidden [T, H], next_ids [T]) at
+    head positions pos0.., then each draft's own row, as `depth` head_rows(draft=True) calls and an
+    argmax after each would make them (draft-time cache entries at pos0 + T ..)."""
+    target = head.target
+    step = _step_for(head, lambda: head.layers[:1], target, fc=(head.norm_emb, head.norm_hid, head.fc))
+    w, scale = target.head_weight(), _EMPTY
+    lm = head._draft_lm
+    if lm is not None:
+        w, scale = (lm, _EMPTY) if isinstance(lm, torch.Tensor) else (lm.q, lm.scale_f32)
+    T = hidden.shape[0]
+    end = pos0 + T + depth - 1  # positions written: pos0 .. end - 1
+    cache.ensure(end)
+    target.rope._grow(end)
+    out = step.draft_chain(next_ids.contiguous(), hidden, pos0, [cache.k, cache.v], target.rope._cos, target.rope._sin,
+                           w, scale, depth, use_post)
+    return out.tolist()
+
+
+__all__ = ["unsupported", "target_step", "head_rows", "draft_chain", "reset"]

@@ -135,6 +135,15 @@ class MtpHead(nn.Module):
         return g, u, (self._draft_logits(g[-1:]) if drafting else self.target.logits(g))
 
 
+    def draft_chain(self, hidden: torch.Tensor, next_ids: torch.Tensor, pos0: int, cache, depth: int,
+                    use_post: bool) -> list[int] | None:
+        """`depth` greedy drafts from the pending pairs in one compiled call (fused kernel), the
+        drafts `rows(drafting=True)` and an argmax per step give; None where the head does not
+        run on the fused kernel (the caller drafts step by step)."""
+        if self._compiled(hidden.shape[0]) is None or self.target.kernel != "fused":
+            return None
+        return fused.draft_chain(self, hidden, next_ids, pos0, cache, depth, use_post)
+
     def rows_many(self, hidden: torch.Tensor, next_ids: torch.Tensor, spans, caches):
         """Drafting rows of several sequences in one head forward (greedy drafting, where the
         draft's bits do not decide any token): hidden [N, H], next_ids [N], sequence i's rows at

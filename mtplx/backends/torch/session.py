@@ -21,6 +21,7 @@ from .cache import AttnCache
 
 class TorchSession(SessionBase):
     sampling = sampling
+    chain_drafts = True  # greedy drafts in one compiled call where the head allows (False: step by step)
 
     def __init__(self, model, max_context: int | None = None, hidden_source: str | None = None,
                  prefix_cache=None, prefill_block: int | None = None):
@@ -38,6 +39,16 @@ class TorchSession(SessionBase):
 
     def _head_rows(self, hid, ids, head_pos: int):
         return self.model.mtp.rows(hid, ids, head_pos, self.head_cache, drafting=True)
+
+    def _draft_chain(self, batch, depth: int, params) -> list[int] | None:
+        """Greedy drafts without processors or an adaptive cut-off: all `depth` in one compiled
+        call (mtp.draft_chain), else None (step by step)."""
+        if self.processor is not None or params.draft_cutoff > 0 or not (params.greedy or params.greedy_draft):
+            return None
+        if not self.chain_drafts:
+            return None
+        hid, ids, pos = batch
+        return self.model.mtp.draft_chain(hid, ids, pos, self.head_cache, depth, self.hidden_source == "post")
 
     @classmethod
     def _batch_threads(cls, model):  # exact path only: measured thread-invariant (set_batch_threads)

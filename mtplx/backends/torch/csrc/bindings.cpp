@@ -15,5 +15,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_gdn", &Step::add_gdn)
       .def("set_dense_mlp", &Step::set_dense_mlp)
       .def("set_moe", &Step::set_moe)
-      .def("run", &Step::run, py::call_guard<py::gil_scoped_release>());
+      .def("run", &Step::run, py::call_guard<py::gil_scoped_release>())
+      .def("draft_chain", &Step::draft_chain, py::call_guard<py::gil_scoped_release>());
 }

@@ -263,6 +263,30 @@ class Step {
     return outs;
   }
 
+  // Greedy drafting through the MTP head, `depth` steps in one call (no return to Python between
+  // them): step 0 runs the pairs (ids [T], hidden [T, H]) at head positions pos0.., each next step
+  // its predecessor's argmax with that step's last post-norm (use_post) or pre-norm row at the next
+  // position. Each step is run() as a one-step call would make it, so the drafts are the same.
+  // kv: the head's K and V [nkv, cap >= pos0 + T + depth - 1, hd] -> the drafted ids [depth]
+  torch::Tensor draft_chain(torch::Tensor ids, torch::Tensor hidden, int64_t pos0, std::vector<torch::Tensor> kv,
+                            torch::Tensor cos, torch::Tensor sin, torch::Tensor head_w, torch::Tensor head_scale,
+                            int64_t depth, bool use_post) {
+    TORCH_CHECK(has_fc_ && depth >= 1 && ids.dim() == 1 && ids.size(0) >= 1, "Step.draft_chain: a head Step, depth >= 1");
+    auto drafted = torch::empty({depth}, torch::TensorOptions().dtype(torch::kInt64));
+    int64_t* d = drafted.data_ptr<int64_t>();
+    int64_t T = ids.size(0), p = pos0;
+    for (int64_t j = 0; j < depth; j++) {
+      auto out = run(ids, hidden, {p}, {T}, kv, {}, cos, sin, head_w, head_scale, {T - 1});
+      d[j] = argmax_rows(out[2])[0].item<int64_t>();
+      if (j + 1 == depth) break;
+      hidden = (use_post ? out[0] : out[1]).slice(0, T - 1, T).contiguous();
+      ids = torch::full({1}, d[j], torch::TensorOptions().dtype(torch::kInt64));
+      p += T;
+      T = 1;
+    }
+    return drafted;
+  }
+
  private:
   int64_t H_;
   float eps_;
