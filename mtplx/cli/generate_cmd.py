@@ -11,6 +11,7 @@ stderr, so stdout stays the generated text. --json prints one object instead:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -112,6 +113,11 @@ def _generate(args, model, text, params) -> int:
             raise ValueError("--system needs --chat")
         prompt = text
     chat_kwargs = {"enable_thinking": False} if args.no_thinking else None
+
+    if args.compare:  # both timed runs warm: first-use costs (kernel objects, caches) would fall on the MTP run
+        warm = dataclasses.replace(params, max_tokens=min(params.max_tokens, 8))
+        for depth in {0, args.depth}:
+            mtplx.generate(model, prompt, warm, depth, chat_kwargs=chat_kwargs)
 
     if args.json:
         res = mtplx.generate(model, prompt, params, args.depth, chat_kwargs=chat_kwargs)
