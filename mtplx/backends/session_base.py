@@ -233,7 +233,7 @@ class SessionBase:
                 raise RuntimeError("draft: no verified pair is pending (call sample_first or commit first)")
             pending.append((i, *batch))
         if n == 1 and pending:  # one greedy session: the backend may draft every step in one call
-            chain = getattr(sessions[0], "_draft_chain", lambda *a: None)(tuple(pending[0][1:]), depths[0], params[0])
+            chain = sessions[0]._draft_chain(tuple(pending[0][1:]), depths[0], params[0])
             if chain is not None:
                 return [([int(t) for t in chain], None)]
         while pending:
@@ -270,6 +270,11 @@ class SessionBase:
         import contextlib
 
         return contextlib.nullcontext()
+
+    def _draft_chain(self, batch, depth: int, params: SamplingParams) -> list[int] | None:
+        """All `depth` drafts from the pending `batch` (hid, ids, head position) in one backend call,
+        the very drafts the step-by-step loop makes; None: draft step by step (the default)."""
+        return None
 
     @classmethod
     def _head_rows_many(cls, items: list) -> list:

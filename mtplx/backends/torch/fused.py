@@ -116,16 +116,21 @@ def target_step(model, ids: torch.Tensor, spans, caches) -> tuple:
     return out[0], out[1], out[2]
 
 
+def _head_step(head, draft: bool) -> tuple:
+    """The MTP head's Step and its lm_head (weight, int8 scale or empty): the draft one when drafting."""
+    step = _step_for(head, lambda: head.layers[:1], head.target, fc=(head.norm_emb, head.norm_hid, head.fc))
+    lm = head._draft_lm if draft else None
+    if lm is None:
+        return step, head.target.head_weight(), _EMPTY
+    return (step, lm, _EMPTY) if isinstance(lm, torch.Tensor) else (step, lm.q, lm.scale_f32)
+
+
 def head_rows(head, hidden: torch.Tensor, next_ids: torch.Tensor, spans, caches, logit_rows: list[int],
               draft: bool) -> tuple:
     """The MTP head's rows of several sequences (AttnCache each) -> (g, u, logits of `logit_rows`,
     all rows when empty); draft: through the draft lm_head."""
     target = head.target
-    step = _step_for(head, lambda: head.layers[:1], target, fc=(head.norm_emb, head.norm_hid, head.fc))
-    w, scale = target.head_weight(), _EMPTY
-    lm = head._draft_lm if draft else None
-    if lm is not None:
-        w, scale = (lm, _EMPTY) if isinstance(lm, torch.Tensor) else (lm.q, lm.scale_f32)
+    step, w, scale = _head_step(head, draft)
     for (p0, T), c in zip(spans, caches):
         c.ensure(p0 + T)
     out = _run(step, target.rope, next_ids.contiguous(), hidden, spans, [([c], []) for c in caches], w, scale,
@@ -139,11 +144,7 @@ def draft_chain(head, hidden: torch.Tensor, next_ids: torch.Tensor, pos0: int, c
     head positions pos0.., then each draft's own row, as `depth` head_rows(draft=True) calls and an
     argmax after each would make them (draft-time cache entries at pos0 + T ..)."""
     target = head.target
-    step = _step_for(head, lambda: head.layers[:1], target, fc=(head.norm_emb, head.norm_hid, head.fc))
-    w, scale = target.head_weight(), _EMPTY
-    lm = head._draft_lm
-    if lm is not None:
-        w, scale = (lm, _EMPTY) if isinstance(lm, torch.Tensor) else (lm.q, lm.scale_f32)
+    step, w, scale = _head_step(head, True)
     T = hidden.shape[0]
     end = pos0 + T + depth - 1  # positions written: pos0 .. end - 1
     cache.ensure(end)

@@ -57,7 +57,7 @@ _ISA_FLAGS = {
                ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-DMTPLX_AVX512"]),
     "avx2": (("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
 }
-_VERSION = "v13"
+_VERSION = "v13b"
 _lock = threading.Lock()
 _state: dict = {}
 

@@ -463,7 +463,7 @@ static void gdn_seq(const GdnShape& g, int64_t T, const float* X, int64_t sx, co
   const int64_t r = nv / nk, key_dim = nk * dk;
   const float qscale = 1.0f / std::sqrt((float)dk);
   std::vector<float> act(C), qn(key_dim), kn(key_dim), Wt(K * C);
-  for (int64_t c = 0; c < C; c++)  // the conv taps by tap: the channel loops below run over contiguous memory
+  for (int64_t c = 0; c < C; c++)  // the conv weights tap by tap: the channel loops below read contiguous memory
     for (int64_t j = 0; j < K; j++) Wt[j * C + c] = W[c * K + j];
   const float* Sprev = S0;
   for (int64_t t = 0; t < T; t++) {
